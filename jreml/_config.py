@@ -1,0 +1,47 @@
+"""Floating-point precision policy.
+
+jreml computes in float64 by default: REML log-likelihoods of a few hundred observations differ in the
+6th significant digit between float32 and float64, and the AI update needs the extra digits.
+
+Mechanism (documented in README.md, "Precision"):
+
+- On import, jreml turns on JAX's ``jax_enable_x64`` flag **unless** the environment variable
+  ``JAX_ENABLE_X64`` is set. An explicit environment setting is the user's choice and is left alone
+  (``JAX_ENABLE_X64=0`` is the opt-in to float32).
+- The change is an ordinary JAX config update and can be undone at any time with
+  ``jax.config.update("jax_enable_x64", False)``; jreml then runs in float32 (explicit opt-in). jreml never
+  touches the flag again after import.
+- ``jreml.float_dtype()`` reports the dtype jreml currently computes in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+_X64_ENV = "JAX_ENABLE_X64"
+
+
+def _apply_default_precision() -> bool:
+    """Turn on float64 unless the user has set ``JAX_ENABLE_X64`` explicitly. Returns True if changed."""
+    if _X64_ENV in os.environ:
+        return False
+    if not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+        return True
+    return False
+
+
+def float_dtype() -> jnp.dtype:
+    """The floating dtype jreml computes in now: float64 unless x64 was switched off (float32 opt-in)."""
+    return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
+
+
+def as_float_array(x, name: str = "array") -> jax.Array:
+    """Convert ``x`` to a JAX array of jreml's float dtype; integer/bool inputs are cast, complex rejected."""
+    arr = jnp.asarray(x)
+    if jnp.issubdtype(arr.dtype, jnp.complexfloating):
+        raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
+    return arr.astype(float_dtype())

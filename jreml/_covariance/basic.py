@@ -1,0 +1,305 @@
+"""Leaf covariance modules: identity, scalar, diagonal, unstructured, AR(1), compound symmetry, fixed K."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from .._config import as_float_array
+from .base import AbstractCovariance
+from .transforms import BoundedSigmoid, Exp, LogCholesky
+
+
+def _check_size(n, what: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"{what} must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def _check_labels(labels, m: int, what: str) -> tuple[str, ...] | None:
+    if labels is None:
+        return None
+    labels = tuple(str(x) for x in labels)
+    if len(labels) != m:
+        raise ValueError(f"{what}: got {len(labels)} labels for a {m}x{m} matrix")
+    return labels
+
+
+def _label(labels, i: int) -> str:
+    return labels[i] if labels is not None else str(i)
+
+
+class IdentityMatrix(AbstractCovariance):
+    """I_n: no parameters (a known identity, e.g. the kernel of an iid random effect)."""
+
+    n: int = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, n: int, name: str | None = None):
+        self.n = _check_size(n, "IdentityMatrix size n")
+        self.name = name
+
+    num_free_params = property(lambda self: 0)
+    shape = property(lambda self: (self.n, self.n))
+    scale_mask = property(lambda self: ())
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        return jnp.eye(self.n, dtype=theta.dtype)
+
+    def _local_names(self):
+        return ()
+
+    def build_params(self, theta):
+        return self._check_theta(theta)
+
+    def default_theta(self, variance):
+        return jnp.zeros((0,), jnp.result_type(variance))
+
+
+class ScalarMatrix(AbstractCovariance):
+    """σ²·I_n with σ² = transform(θ) (default ``Exp()``: σ² = exp(θ)). One parameter: ``variance``."""
+
+    n: int = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+    transform: Exp = Exp()
+
+    def __init__(self, n: int, name: str | None = None, transform: Exp | None = None):
+        self.n = _check_size(n, "ScalarMatrix size n")
+        self.name = name
+        self.transform = Exp() if transform is None else transform
+
+    num_free_params = property(lambda self: 1)
+    shape = property(lambda self: (self.n, self.n))
+    scale_mask = property(lambda self: (True,))
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        return self.transform.forward(theta[0]) * jnp.eye(self.n, dtype=theta.dtype)
+
+    def _local_names(self):
+        return ("variance",)
+
+    def build_params(self, theta):
+        return self.transform.forward(self._check_theta(theta))
+
+    def default_theta(self, variance):
+        return jnp.reshape(self.transform.inverse(variance), (1,))
+
+    def em_plan(self):
+        return ((self.n, self.transform.power),)
+
+
+class DiagonalMatrix(AbstractCovariance):
+    """diag(σ²_1, …, σ²_n), heterogeneous variances, σ²_i = exp(θ_i)."""
+
+    n: int = eqx.field(static=True)
+    labels: tuple[str, ...] | None = eqx.field(static=True, default=None)
+    name: str | None = eqx.field(static=True, default=None)
+    transform: Exp = Exp()
+
+    def __init__(self, n: int, labels=None, name: str | None = None, transform: Exp | None = None):
+        self.n = _check_size(n, "DiagonalMatrix size n")
+        self.labels = _check_labels(labels, self.n, "DiagonalMatrix")
+        self.name = name
+        self.transform = Exp() if transform is None else transform
+
+    num_free_params = property(lambda self: self.n)
+    shape = property(lambda self: (self.n, self.n))
+    scale_mask = property(lambda self: (True,) * self.n)
+
+    def __call__(self, theta):
+        return jnp.diag(self.transform.forward(self._check_theta(theta)))
+
+    def _local_names(self):
+        return tuple(f"variance[{_label(self.labels, i)}]" for i in range(self.n))
+
+    def build_params(self, theta):
+        return self.transform.forward(self._check_theta(theta))
+
+    def default_theta(self, variance):
+        return jnp.full((self.n,), self.transform.inverse(variance))
+
+
+class UnstructuredMatrix(AbstractCovariance):
+    """A full m×m covariance G = L Lᵀ (log-Cholesky, see :class:`LogCholesky`).
+
+    Natural parameters, in θ's order: for each row i of L, the covariances G[i, j] (j < i) then the
+    variance G[i, i] — names ``covariance[a,b]`` and ``variance[a]``.
+    """
+
+    m: int = eqx.field(static=True)
+    labels: tuple[str, ...] | None = eqx.field(static=True, default=None)
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, m: int, labels=None, name: str | None = None):
+        self.m = _check_size(m, "UnstructuredMatrix size m")
+        self.labels = _check_labels(labels, self.m, "UnstructuredMatrix")
+        self.name = name
+
+    @property
+    def transform(self) -> LogCholesky:
+        return LogCholesky(self.m)
+
+    num_free_params = property(lambda self: self.m * (self.m + 1) // 2)
+    shape = property(lambda self: (self.m, self.m))
+
+    @property
+    def scale_mask(self):
+        diag = set(self.transform.diagonal_positions)
+        return tuple(i in diag for i in range(self.num_free_params))
+
+    def __call__(self, theta):
+        return self.transform.forward(self._check_theta(theta))
+
+    def _local_names(self):
+        names = []
+        for i, j in zip(*np.tril_indices(self.m), strict=True):
+            a, b = _label(self.labels, j), _label(self.labels, i)
+            names.append(f"variance[{a}]" if i == j else f"covariance[{a},{b}]")
+        return tuple(names)
+
+    def build_params(self, theta):
+        g = self(theta)
+        rows, cols = np.tril_indices(self.m)
+        return g[rows, cols]
+
+    def default_theta(self, variance):
+        log_sd = 0.5 * jnp.log(variance)
+        mask = jnp.asarray(self.scale_mask)
+        return jnp.where(mask, log_sd, jnp.zeros((), jnp.result_type(log_sd)))
+
+
+def _distance_matrix(n: int) -> np.ndarray:
+    idx = np.arange(n)
+    return np.abs(idx[:, None] - idx[None, :]).astype(np.float64)
+
+
+class AR1Matrix(AbstractCovariance):
+    """σ²·ρ^|i−j| (first-order autoregressive), σ² = exp(θ₀), ρ = tanh-like map of θ₁ onto (−1, 1)."""
+
+    n: int = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+    transform: Exp = Exp()
+    correlation: BoundedSigmoid = BoundedSigmoid(-1.0, 1.0)
+
+    def __init__(self, n: int, name: str | None = None):
+        self.n = _check_size(n, "AR1Matrix size n")
+        self.name = name
+        self.transform = Exp()
+        self.correlation = BoundedSigmoid(-1.0, 1.0)
+
+    num_free_params = property(lambda self: 2)
+    shape = property(lambda self: (self.n, self.n))
+    scale_mask = property(lambda self: (True, False))
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        variance = self.transform.forward(theta[0])
+        rho = self.correlation.forward(theta[1])
+        lags = jnp.asarray(_distance_matrix(self.n), dtype=theta.dtype)
+        # |ρ|^lag with the sign of ρ^lag; lag 0 gives exactly 1 (and no 0**0 derivative trouble).
+        magnitude = jnp.exp(lags * jnp.log(jnp.abs(rho)))
+        sign = jnp.where((jnp.sign(rho) < 0) & (jnp.mod(lags, 2.0) == 1.0), -1.0, 1.0)
+        return variance * sign * magnitude
+
+    def _local_names(self):
+        return ("variance", "correlation")
+
+    def build_params(self, theta):
+        theta = self._check_theta(theta)
+        return jnp.stack([self.transform.forward(theta[0]), self.correlation.forward(theta[1])])
+
+    def default_theta(self, variance):
+        return jnp.stack(
+            [self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))]
+        )
+
+
+class CompoundSymmetricMatrix(AbstractCovariance):
+    """σ²·[(1−ρ)·I + ρ·11ᵀ], ρ ∈ (−1/(n−1), 1) so that the matrix stays positive definite."""
+
+    n: int = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+    transform: Exp = Exp()
+    correlation: BoundedSigmoid = BoundedSigmoid(-1.0, 1.0)
+
+    def __init__(self, n: int, name: str | None = None):
+        self.n = _check_size(n, "CompoundSymmetricMatrix size n")
+        self.name = name
+        self.transform = Exp()
+        lo = -1.0 / (self.n - 1) if self.n > 1 else -1.0
+        self.correlation = BoundedSigmoid(lo, 1.0)
+
+    num_free_params = property(lambda self: 2)
+    shape = property(lambda self: (self.n, self.n))
+    scale_mask = property(lambda self: (True, False))
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        variance = self.transform.forward(theta[0])
+        rho = self.correlation.forward(theta[1])
+        eye = jnp.eye(self.n, dtype=theta.dtype)
+        return variance * ((1.0 - rho) * eye + rho * jnp.ones_like(eye))
+
+    def _local_names(self):
+        return ("variance", "correlation")
+
+    def build_params(self, theta):
+        theta = self._check_theta(theta)
+        return jnp.stack([self.transform.forward(theta[0]), self.correlation.forward(theta[1])])
+
+    def default_theta(self, variance):
+        return jnp.stack(
+            [self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))]
+        )
+
+
+class FixedMatrix(AbstractCovariance):
+    """σ²·K for a known symmetric matrix K (a genomic or pedigree relationship matrix); σ² = exp(θ)."""
+
+    K: Float[Array, "n n"]
+    name: str | None = eqx.field(static=True, default=None)
+    transform: Exp = Exp()
+
+    def __init__(self, K, name: str | None = None, transform: Exp | None = None):
+        K = as_float_array(K, "FixedMatrix K")
+        if K.ndim != 2 or K.shape[0] != K.shape[1]:
+            raise ValueError(f"FixedMatrix K must be a square matrix, got shape {K.shape}")
+        self.K = K
+        self.name = name
+        self.transform = Exp() if transform is None else transform
+
+    def __check_init__(self):
+        if isinstance(self.K, jax.core.Tracer):
+            return
+        asym = float(jnp.max(jnp.abs(self.K - self.K.T)))
+        scale = float(jnp.max(jnp.abs(self.K))) or 1.0
+        if asym > 1e-8 * scale:
+            raise ValueError(f"FixedMatrix K must be symmetric: max |K - K.T| = {asym:.3g}")
+
+    num_free_params = property(lambda self: 1)
+    shape = property(lambda self: self.K.shape)
+    scale_mask = property(lambda self: (True,))
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        return self.transform.forward(theta[0]) * self.K.astype(theta.dtype)
+
+    def _local_names(self):
+        return ("variance",)
+
+    def build_params(self, theta):
+        return self.transform.forward(self._check_theta(theta))
+
+    def em_plan(self):
+        # K is taken as full rank (dimension n): with a lower rank the EM step is damped, not wrong.
+        return ((self.K.shape[0], self.transform.power),)
+
+    def default_theta(self, variance):
+        scale = jnp.mean(jnp.diagonal(self.K))
+        scale = jnp.where(scale > 0, scale, 1.0)
+        return jnp.reshape(self.transform.inverse(variance / scale), (1,))

@@ -1,0 +1,376 @@
+"""Design matrices and composition: DummyMatrix, Sum, CovariancePropagation, KroneckerProduct, CustomMatrix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .._config import as_float_array
+from .base import AbstractCovariance, RandomTerm
+
+
+class ConstantMatrix(AbstractCovariance):
+    """A known matrix with no parameters (what a plain array operand becomes: a fixed Z, a known K)."""
+
+    matrix: Float[Array, "r c"]
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, matrix, name: str | None = None):
+        matrix = as_float_array(matrix, "matrix")
+        if matrix.ndim != 2:
+            raise ValueError(f"a matrix operand must be 2-D, got shape {matrix.shape}")
+        self.matrix = matrix
+        self.name = name
+
+    num_free_params = property(lambda self: 0)
+    shape = property(lambda self: self.matrix.shape)
+    scale_mask = property(lambda self: ())
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        return self.matrix.astype(theta.dtype)
+
+    def _local_names(self):
+        return ()
+
+    def build_params(self, theta):
+        return self._check_theta(theta)
+
+    def default_theta(self, variance):
+        return jnp.zeros((0,), jnp.result_type(variance))
+
+
+def as_module(x, what: str = "operand") -> AbstractCovariance:
+    """A covariance module as is; a plain array becomes a :class:`ConstantMatrix`."""
+    if isinstance(x, AbstractCovariance):
+        return x
+    if callable(x) and not hasattr(x, "shape"):
+        raise TypeError(f"{what}: a plain function needs CustomMatrix(fn, num_free_params); got {x!r}")
+    return ConstantMatrix(x)
+
+
+def _factor_codes(values, position: int) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and sorted level names of one factor column (strings, integers or categoricals)."""
+    arr = np.asarray(values, dtype=object) if not hasattr(values, "astype") else np.asarray(values)
+    if arr.ndim != 1:
+        raise ValueError(f"DummyMatrix factor {position} must be 1-D, got shape {arr.shape}")
+    missing = [i for i, v in enumerate(arr.tolist()) if v is None or (isinstance(v, float) and np.isnan(v))]
+    if missing:
+        raise ValueError(f"DummyMatrix factor {position} has missing values at rows {missing[:10]}")
+    if arr.dtype.kind in "iub":
+        levels, codes = np.unique(arr, return_inverse=True)
+        names = [str(v) for v in levels]
+    else:
+        as_str = np.array([str(v) for v in arr.tolist()], dtype=object)
+        names = sorted(set(as_str.tolist()))
+        index = {v: i for i, v in enumerate(names)}
+        codes = np.array([index[v] for v in as_str.tolist()], dtype=np.int64)
+    return codes.astype(np.int64), names
+
+
+class DummyMatrix(AbstractCovariance):
+    """The n×q incidence (design) matrix of one factor, or of the interaction of several factors.
+
+    Levels are sorted (numerically for integer factors, by code point for strings); the interaction of
+    several factors has one column per combination that occurs, ordered by the factors' level order,
+    named ``"a:b"``. ``drop_first=True`` drops the first level's column (treatment coding).
+    Stored as integer codes, never as a dense one-hot matrix: the dense matrix is built only on call.
+    """
+
+    codes: Int[Array, " n"]
+    levels: tuple[str, ...] = eqx.field(static=True)
+    drop_first: bool = eqx.field(static=True, default=False)
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, *factors, drop_first: bool = False, name: str | None = None):
+        if not factors:
+            raise ValueError("DummyMatrix needs at least one factor column")
+        coded = [_factor_codes(f, i) for i, f in enumerate(factors)]
+        lengths = {len(c) for c, _ in coded}
+        if len(lengths) != 1:
+            raise ValueError(f"DummyMatrix factors have different lengths: {[len(c) for c, _ in coded]}")
+        stacked = np.stack([c for c, _ in coded], axis=1)
+        combos, codes = np.unique(stacked, axis=0, return_inverse=True)
+        level_names = tuple(
+            ":".join(coded[j][1][combo[j]] for j in range(len(coded))) for combo in combos.tolist()
+        )
+        if drop_first and len(level_names) < 2:
+            raise ValueError("DummyMatrix(drop_first=True) needs a factor with at least two levels")
+        self.codes = jnp.asarray(codes.reshape(-1))
+        self.levels = level_names
+        self.drop_first = drop_first
+        self.name = name
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def column_levels(self) -> tuple[str, ...]:
+        return self.levels[1:] if self.drop_first else self.levels
+
+    num_free_params = property(lambda self: 0)
+    shape = property(lambda self: (self.codes.shape[0], len(self.column_levels)))
+    scale_mask = property(lambda self: ())
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        onehot = jax.nn.one_hot(self.codes, self.n_levels, dtype=theta.dtype)
+        return onehot[:, 1:] if self.drop_first else onehot
+
+    def _local_names(self):
+        return ()
+
+    def build_params(self, theta):
+        return self._check_theta(theta)
+
+    def default_theta(self, variance):
+        return jnp.zeros((0,), jnp.result_type(variance))
+
+    def mean_row_square_sum(self):
+        if not self.drop_first:
+            return jnp.asarray(1.0)
+        return jnp.mean((self.codes != 0).astype(jnp.result_type(float)))
+
+
+def _split(theta, sizes: Sequence[int]):
+    offsets = np.cumsum([0, *sizes])
+    return [theta[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
+
+
+def _prefixed(module: AbstractCovariance, fallback: str) -> tuple[str, ...]:
+    names = module.param_names
+    if module.label:
+        return names
+    return tuple(f"{fallback}.{n}" for n in names)
+
+
+class Sum(AbstractCovariance):
+    """V(θ) = Σ_i term_i(θ_i): θ is the concatenation of the terms' parameters, in order.
+
+    Operands may be modules or plain arrays (fixed matrices). Unnamed terms are named ``term{i}``.
+    """
+
+    terms: tuple[AbstractCovariance, ...]
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, *terms, name: str | None = None):
+        if not terms:
+            raise ValueError("Sum needs at least one term")
+        flat = []
+        for t in terms:
+            t = as_module(t, "Sum term")
+            # Flatten unnamed nested sums so that A + B + C is one Sum with three terms.
+            if isinstance(t, Sum) and t.name is None:
+                flat.extend(t.terms)
+            else:
+                flat.append(t)
+        shapes = {t.shape for t in flat}
+        if len(shapes) != 1:
+            raise ValueError(f"Sum terms must all have the same shape, got {[t.shape for t in flat]}")
+        (shape,) = shapes
+        if shape[0] != shape[1]:
+            raise ValueError(f"Sum terms must be square covariance matrices, got shape {shape}")
+        self.terms = tuple(flat)
+        self.name = name
+
+    num_free_params = property(lambda self: sum(t.num_free_params for t in self.terms))
+    shape = property(lambda self: self.terms[0].shape)
+    scale_mask = property(lambda self: sum((t.scale_mask for t in self.terms), ()))
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        parts = _split(theta, [t.num_free_params for t in self.terms])
+        total = self.terms[0](parts[0])
+        for term, part in zip(self.terms[1:], parts[1:], strict=True):
+            total = total + term(part)
+        return total
+
+    def _local_names(self):
+        names = sum((_prefixed(t, f"term{i}") for i, t in enumerate(self.terms)), ())
+        if len(set(names)) != len(names):
+            names = sum((tuple(f"term{i}.{n}" for n in t.param_names) for i, t in enumerate(self.terms)), ())
+        return names
+
+    def build_params(self, theta):
+        theta = self._check_theta(theta)
+        parts = _split(theta, [t.num_free_params for t in self.terms])
+        built = [t.build_params(p) for t, p in zip(self.terms, parts, strict=True)]
+        return jnp.concatenate(built) if built else theta
+
+    def default_theta(self, variance):
+        with_params = [t for t in self.terms if t.num_free_params > 0]
+        share = variance / max(len(with_params), 1)
+        return jnp.concatenate([t.default_theta(share) for t in self.terms])
+
+    def em_plan(self):
+        plans = [t.em_plan() for t in self.terms]
+        return None if any(p is None for p in plans) else sum(plans, ())
+
+    def random_terms(self, offset: int = 0):
+        out = []
+        for i, term in enumerate(self.terms):
+            for rt in term.random_terms(offset):
+                out.append(rt if rt.name else rt._replace(name=f"term{i}"))
+            offset += term.num_free_params
+        return tuple(out)
+
+
+class CovariancePropagation(AbstractCovariance):
+    """V(θ) = Z(θ_Z) · G(θ_G) · Z(θ_Z)ᵀ: the covariance of Zu for a random effect u ~ N(0, G).
+
+    θ = (θ_Z, θ_G). Z is usually a fixed design (array or :class:`DummyMatrix`, no parameters); when Z is a
+    single-factor :class:`DummyMatrix` the product is a gather G[c][:, c] (O(n²), no n×q one-hot).
+    The term's BLUP û = G Zᵀ P y comes out of a fit automatically (see ``FitResult.blup``).
+    """
+
+    Z: AbstractCovariance
+    G: AbstractCovariance
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, Z, G, name: str | None = None):
+        Z = as_module(Z, "CovariancePropagation Z")
+        G = as_module(G, "CovariancePropagation G")
+        if G.shape[0] != G.shape[1]:
+            raise ValueError(f"CovariancePropagation G must be square, got shape {G.shape}")
+        if Z.shape[1] != G.shape[0]:
+            raise ValueError(
+                f"CovariancePropagation: Z has {Z.shape[1]} columns but G is {G.shape[0]}x{G.shape[1]}"
+            )
+        self.Z = Z
+        self.G = G
+        self.name = name
+
+    num_free_params = property(lambda self: self.Z.num_free_params + self.G.num_free_params)
+    shape = property(lambda self: (self.Z.shape[0], self.Z.shape[0]))
+    scale_mask = property(lambda self: self.Z.scale_mask + self.G.scale_mask)
+
+    def split(self, theta):
+        return _split(theta, [self.Z.num_free_params, self.G.num_free_params])
+
+    def __call__(self, theta):
+        theta_z, theta_g = self.split(self._check_theta(theta))
+        g = self.G(theta_g)
+        if isinstance(self.Z, DummyMatrix) and not self.Z.drop_first:
+            codes = self.Z.codes
+            return g[codes][:, codes]
+        z = self.Z(theta_z)
+        return z @ g @ z.T
+
+    def _local_names(self):
+        return tuple(f"Z.{n}" for n in self.Z.param_names) + self.G.param_names
+
+    def build_params(self, theta):
+        theta_z, theta_g = self.split(self._check_theta(theta))
+        return jnp.concatenate([self.Z.build_params(theta_z), self.G.build_params(theta_g)])
+
+    def _z_scale(self):
+        if isinstance(self.Z, DummyMatrix):
+            return self.Z.mean_row_square_sum()
+        z = self.Z(self.Z.default_theta(jnp.asarray(1.0)))
+        return jnp.mean(jnp.sum(z * z, axis=1))
+
+    def default_theta(self, variance):
+        scale = self._z_scale()
+        scale = jnp.where(scale > 0, scale, 1.0)
+        return jnp.concatenate(
+            [self.Z.default_theta(jnp.ones_like(variance)), self.G.default_theta(variance / scale)]
+        )
+
+    def em_plan(self):
+        return None if self.Z.num_free_params else self.G.em_plan()
+
+    def random_terms(self, offset: int = 0):
+        return (RandomTerm(self.name or self.G.label or "", self.Z, self.G, offset + self.Z.num_free_params),)
+
+
+class KroneckerProduct(AbstractCovariance):
+    """V(θ) = A(θ_A) ⊗ B(θ_B), θ = (θ_A, θ_B) (e.g. a trait covariance ⊗ a relationship matrix)."""
+
+    A: AbstractCovariance
+    B: AbstractCovariance
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, A, B, name: str | None = None):
+        self.A = as_module(A, "KroneckerProduct A")
+        self.B = as_module(B, "KroneckerProduct B")
+        self.name = name
+
+    num_free_params = property(lambda self: self.A.num_free_params + self.B.num_free_params)
+    shape = property(lambda self: (self.A.shape[0] * self.B.shape[0], self.A.shape[1] * self.B.shape[1]))
+    scale_mask = property(lambda self: self.A.scale_mask + self.B.scale_mask)
+
+    def split(self, theta):
+        return _split(theta, [self.A.num_free_params, self.B.num_free_params])
+
+    def __call__(self, theta):
+        theta_a, theta_b = self.split(self._check_theta(theta))
+        return jnp.kron(self.A(theta_a), self.B(theta_b))
+
+    def _local_names(self):
+        return _prefixed(self.A, "A") + _prefixed(self.B, "B")
+
+    def build_params(self, theta):
+        theta_a, theta_b = self.split(self._check_theta(theta))
+        return jnp.concatenate([self.A.build_params(theta_a), self.B.build_params(theta_b)])
+
+    def default_theta(self, variance):
+        # A carries the scale; B starts at mean diagonal one (the product is then ≈ variance).
+        return jnp.concatenate(
+            [self.A.default_theta(variance), self.B.default_theta(jnp.ones_like(variance))]
+        )
+
+
+class CustomMatrix(AbstractCovariance):
+    """Any user function θ ↦ matrix with ``num_free_params`` parameters (natural scale = θ itself).
+
+    ``fn`` must be a pure JAX function. Give ``theta0`` to ``estimate``: the default start is θ = 0.
+    ``shape`` is inferred by evaluating ``fn`` at θ = 0 when not given.
+    """
+
+    fn: Callable
+    n_params: int = eqx.field(static=True)
+    names: tuple[str, ...] = eqx.field(static=True)
+    matrix_shape: tuple[int, int] = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, fn: Callable, num_free_params: int, names=None, shape=None, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"CustomMatrix fn must be callable, got {fn!r}")
+        if isinstance(num_free_params, bool) or not isinstance(num_free_params, int | np.integer):
+            raise TypeError(f"CustomMatrix num_free_params must be an int, got {num_free_params!r}")
+        self.fn = fn
+        self.n_params = int(num_free_params)
+        if names is None:
+            names = tuple(f"theta[{i}]" for i in range(self.n_params))
+        names = tuple(str(n) for n in names)
+        if len(names) != self.n_params:
+            raise ValueError(f"CustomMatrix: {len(names)} names for {self.n_params} parameters")
+        self.names = names
+        if shape is None:
+            shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((self.n_params,), jnp.result_type(float))).shape
+        if len(shape) != 2:
+            raise ValueError(f"CustomMatrix fn must return a matrix, got shape {shape}")
+        self.matrix_shape = tuple(int(s) for s in shape)
+        self.name = name
+
+    num_free_params = property(lambda self: self.n_params)
+    shape = property(lambda self: self.matrix_shape)
+    scale_mask = property(lambda self: (False,) * self.n_params)
+
+    def __call__(self, theta):
+        return self.fn(self._check_theta(theta))
+
+    def _local_names(self):
+        return self.names
+
+    def build_params(self, theta):
+        return self._check_theta(theta)
+
+    def default_theta(self, variance):
+        return jnp.zeros((self.n_params,), jnp.result_type(variance))

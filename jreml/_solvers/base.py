@@ -1,0 +1,62 @@
+"""What the fitting loop asks of an algorithm: which information matrix, and the step direction."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+
+def free_mask(theta, score, lb, ub) -> Bool[Array, " k"]:
+    """Parameters not held at a bound (a bound is active when the score pushes through it)."""
+    at_lower = (theta <= lb) & (score < 0)
+    at_upper = (theta >= ub) & (score > 0)
+    return ~(at_lower | at_upper)
+
+
+def solve_information(info, rhs, *, absolute: bool = False) -> Float[Array, " k"]:
+    """info⁻¹·rhs by a symmetric eigendecomposition with eigenvalues floored at 1e-10·max|λ|.
+
+    A near-singular information matrix (a variance heading to its boundary) gives a long step along the
+    weak direction, which the bounds then clip, instead of a NaN. ``absolute=True`` uses |λ| (for an
+    indefinite observed information: a Newton step that always ascends).
+    """
+    eigvals, eigvecs = jnp.linalg.eigh(info)
+    eigvals = jnp.abs(eigvals) if absolute else eigvals
+    top = jnp.max(jnp.abs(eigvals))
+    floor = 1e-10 * top + jnp.finfo(info.dtype).tiny
+    eigvals = jnp.maximum(eigvals, floor)
+    return eigvecs @ ((eigvecs.T @ rhs) / eigvals)
+
+
+def projected_solve(info, score, free, *, absolute: bool = False):
+    """The step info⁻¹·score restricted to the free parameters (zero for those held at a bound)."""
+    both = free[:, None] & free[None, :]
+    eye = jnp.eye(info.shape[0], dtype=info.dtype)
+    info_free = jnp.where(both, info, eye)
+    return jnp.where(free, solve_information(info_free, jnp.where(free, score, 0.0), absolute=absolute), 0.0)
+
+
+class AbstractAlgorithm(eqx.Module):
+    """A step rule for the fitting loop: ``information`` names the matrix the loop evaluates."""
+
+    information: ClassVar[str]
+    name: ClassVar[str]
+
+    def direction(self, theta, score, info, free):
+        return projected_solve(info, score, free)
+
+
+def em_direction(theta, score, free, plan) -> Float[Array, " k"]:
+    """EM-REML step for V = Σ σ²_k K_k, σ²_k = exp(a_k θ_k), u_k of dimension q_k:
+
+    σ²_k ← σ²_k + σ⁴_k [ (Py)ᵀK_k(Py) − tr(P K_k) ] / q_k   (Searle, Casella & McCulloch 1992, §8.3),
+    i.e. θ_k ← θ_k + log(1 + 2 s_k / (a_k q_k)) / a_k with s the score in θ. Always an ascent step.
+    """
+    dims = jnp.asarray([d for d, _ in plan], dtype=theta.dtype)
+    powers = jnp.asarray([a for _, a in plan], dtype=theta.dtype)
+    ratio = 1.0 + 2.0 * score / (powers * dims)
+    step = jnp.log(jnp.maximum(ratio, 1e-8)) / powers
+    return jnp.where(free, step, 0.0)

@@ -1,0 +1,224 @@
+"""The fitting loop: one ``lax.while_loop`` with step-halving, bounds, an EM fallback and a fixed-size history.
+
+Every iteration (i) computes a direction d from the score and the algorithm's information matrix, with
+parameters held at an active bound removed; (ii) tries θ + η·2⁻ʲ·d, j = 0, 1, …, ``max_halvings``−1, clipped
+to [lb, ub], accepting the first candidate whose V is positive definite and whose log-likelihood does not
+decrease; (iii) if none is accepted and the model is a variance-component model, tries one EM-REML step
+(always an ascent step); (iv) tests convergence. Everything is traced once; under ``jax.vmap`` the loop
+runs until every batch member is done.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from .._likelihood import core, derivatives_at
+from .base import AbstractAlgorithm, em_direction, free_mask
+
+RUNNING, CONVERGED, MAX_ITER, STALLED, INVALID_START = -1, 0, 1, 2, 3
+STATUS_MESSAGES = {
+    CONVERGED: "converged",
+    MAX_ITER: "did not converge: max_iter iterations reached",
+    STALLED: (
+        "stopped: no step (step-halving, EM) increased the log-likelihood while the convergence tests "
+        "still failed"
+    ),
+    INVALID_START: (
+        "V(theta0) is not positive definite (its Cholesky factorisation failed) or the log-likelihood is "
+        "not finite at the starting values; check the data for NaN/inf and pass another theta0"
+    ),
+}
+
+
+class Evaluation(NamedTuple):
+    ok: Bool[Array, ""]
+    loglik: Float[Array, ""]
+    beta: Float[Array, " p"]
+    score: Float[Array, " k"]
+    information: Float[Array, "k k"]
+
+
+def evaluate(theta, y, X, model, *, reml, information, derivatives, dv_builder) -> Evaluation:
+    """ℓ, β̂, score and information at θ; score and information are zero where V is not PD."""
+    c = core(theta, y, X, model, reml)
+    d = derivatives_at(
+        theta,
+        y,
+        X,
+        model,
+        c,
+        reml=reml,
+        information=information,
+        derivatives=derivatives,
+        dv_builder=dv_builder,
+    )
+    ok = c.ok & jnp.all(jnp.isfinite(d.score)) & jnp.all(jnp.isfinite(d.information))
+    zero = jnp.zeros((), theta.dtype)
+    return Evaluation(
+        ok,
+        jnp.where(ok, c.loglik, -jnp.inf),
+        c.beta,
+        jnp.where(ok, d.score, zero),
+        jnp.where(ok, d.information, zero),
+    )
+
+
+class History(eqx.Module):
+    """Per-iteration record, row 0 = the start; rows after ``n_iter`` are zero (fixed size inside jit)."""
+
+    theta: Float[Array, "m k"]
+    beta: Float[Array, "m p"]
+    loglik: Float[Array, " m"]
+    score: Float[Array, "m k"]
+    information: Float[Array, "m k k"]
+    step: Float[Array, "m k"]
+    step_length: Float[Array, " m"]
+
+    def record(self, i, theta, ev: Evaluation, step, step_length) -> History:
+        return History(
+            self.theta.at[i].set(theta),
+            self.beta.at[i].set(ev.beta),
+            self.loglik.at[i].set(jnp.where(ev.ok, ev.loglik, 0.0)),
+            self.score.at[i].set(ev.score),
+            self.information.at[i].set(ev.information),
+            self.step.at[i].set(step),
+            self.step_length.at[i].set(step_length),
+        )
+
+
+def empty_history(rows: int, k: int, p: int, dtype) -> History:
+    z = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
+    return History(z(rows, k), z(rows, p), z(rows), z(rows, k), z(rows, k, k), z(rows, k), z(rows))
+
+
+class LoopResult(NamedTuple):
+    theta: Float[Array, " k"]
+    evaluation: Evaluation
+    n_iter: Int[Array, ""]
+    status: Int[Array, ""]
+    history: History
+
+
+def _print_iteration(verbose, max_iter, i, loglik, score_norm, step_norm, halvings):
+    i = int(i)
+    if verbose >= 2:
+        if i == 1:
+            print(f"{'iter':>5} {'loglik':>18} {'|score|':>11} {'|step|':>11} {'halvings':>8}")
+        print(
+            f"{i:5d} {float(loglik):18.10f} {float(score_norm):11.3e} {float(step_norm):11.3e} {int(halvings):8d}"
+        )
+    else:
+        width = 30
+        filled = min(width, round(width * i / max_iter))
+        print(f"\r[{'#' * filled}{'.' * (width - filled)}] iter {i:4d}  loglik {float(loglik):.8f}", end="")
+
+
+def run(
+    model,
+    y,
+    X,
+    theta0,
+    lb,
+    ub,
+    tolerances: Float[Array, " 3"],
+    eta: Float[Array, ""],
+    *,
+    reml: bool,
+    algorithm: AbstractAlgorithm,
+    derivatives: str,
+    dv_builder,
+    max_iter: int,
+    max_halvings: int,
+    checks: tuple[bool, bool, bool],
+    min_iter: int,
+    em_plan,
+    verbose: int,
+) -> LoopResult:
+    ev_kwargs = dict(
+        reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder
+    )
+    k, p = theta0.shape[0], X.shape[1]
+    dtype = theta0.dtype
+    tol_score, tol_delta, tol_loglik = tolerances[0], tolerances[1], tolerances[2]
+    use_em_fallback = em_plan is not None and algorithm.name != "em"
+    last_try = max_halvings + (1 if use_em_fallback else 0)
+
+    theta0 = jnp.clip(theta0, lb, ub)
+    ev0 = evaluate(theta0, y, X, model, **ev_kwargs)
+    history = empty_history(max_iter + 1, k, p, dtype).record(0, theta0, ev0, jnp.zeros(k, dtype), 0.0)
+    status0 = jnp.where(ev0.ok, RUNNING, INVALID_START)
+
+    def cond(state):
+        return state[3] == RUNNING
+
+    def body(state):
+        i, theta, ev, status, history = state
+        free = free_mask(theta, ev.score, lb, ub)
+        if algorithm.name == "em":
+            direction = em_direction(theta, ev.score, free, em_plan)
+        else:
+            direction = algorithm.direction(theta, ev.score, ev.information, free)
+        em_step = em_direction(theta, ev.score, free, em_plan) if use_em_fallback else None
+        accept_tol = 1e-10 * (1.0 + jnp.abs(ev.loglik))
+
+        def try_cond(carry):
+            j, _, _, accepted, _ = carry
+            return ~accepted & (j < last_try)
+
+        def try_body(carry):
+            j, _, _, _, _ = carry
+            length = eta * jnp.exp2(-j.astype(dtype))
+            step = length * direction
+            if use_em_fallback:
+                step = jnp.where(j < max_halvings, step, em_step)
+                length = jnp.where(j < max_halvings, length, 0.0)
+            candidate = jnp.clip(theta + step, lb, ub)
+            cand_ev = evaluate(candidate, y, X, model, **ev_kwargs)
+            accepted = cand_ev.ok & (cand_ev.loglik >= ev.loglik - accept_tol)
+            return j + 1, candidate, cand_ev, accepted, length
+
+        init = (jnp.asarray(0), theta, ev, jnp.asarray(False), jnp.zeros((), dtype))
+        halvings, cand_theta, cand_ev, accepted, length = jax.lax.while_loop(try_cond, try_body, init)
+        new_theta = jnp.where(accepted, cand_theta, theta)
+        new_ev = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), cand_ev, ev)
+
+        i = i + 1
+        step = new_theta - theta
+        projected = jnp.where(free_mask(new_theta, new_ev.score, lb, ub), new_ev.score, 0.0)
+        score_norm = jnp.linalg.norm(projected)
+        step_norm = jnp.max(jnp.abs(step)) if k else jnp.zeros((), dtype)
+        score_ok = (score_norm < tol_score) | (not checks[0])
+        delta_ok = (step_norm < tol_delta) | (not checks[1])
+        loglik_ok = (jnp.abs(new_ev.loglik - ev.loglik) < tol_loglik) | (not checks[2])
+        any_check = checks[0] or checks[1] or checks[2]
+        converged = (i >= min_iter) & score_ok & delta_ok & loglik_ok & any_check
+        # Nothing improves ℓ any more: converged if the score test (when on) says we are at the optimum.
+        stalled_at_optimum = ~accepted & (i >= min_iter) & (score_norm < tol_score) & checks[0]
+        status = jnp.where(
+            converged | stalled_at_optimum,
+            CONVERGED,
+            jnp.where(~accepted, STALLED, jnp.where(i >= max_iter, MAX_ITER, RUNNING)),
+        )
+        history = history.record(i, new_theta, new_ev, step, jnp.where(accepted, length, 0.0))
+        if verbose:
+            jax.debug.callback(
+                lambda *a: _print_iteration(verbose, max_iter, *a),
+                i,
+                new_ev.loglik,
+                score_norm,
+                step_norm,
+                halvings,
+            )
+        return i, new_theta, new_ev, status, history
+
+    state = (jnp.asarray(0), theta0, ev0, status0, history)
+    if max_iter > 0:
+        state = jax.lax.while_loop(cond, body, state)
+    i, theta, ev, status, history = state
+    status = jnp.where(status == RUNNING, MAX_ITER, status)
+    return LoopResult(theta, ev, i, status, history)
