@@ -63,7 +63,8 @@ def _check_data(y, X, n_model: int):
         Xn = np.asarray(X)
         rows, cols = np.nonzero(~np.isfinite(Xn))
         if rows.size:
-            raise ValueError(f"X has non-finite values at (row, column) {list(zip(rows[:10], cols[:10]))}")
+            where = list(zip(rows[:10].tolist(), cols[:10].tolist(), strict=True))
+            raise ValueError(f"X has non-finite values at (row, column) {where}")
         rank = np.linalg.matrix_rank(Xn)
         if rank < Xn.shape[1]:
             raise ValueError(
