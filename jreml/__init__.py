@@ -16,3 +16,6 @@ from ._likelihood import observed_information as observed_information  # noqa: E
 from ._likelihood import reml_loglik as reml_loglik  # noqa: E402
 from ._likelihood import score as score  # noqa: E402
 from ._result import FitResult as FitResult  # noqa: E402
+from . import datasets as datasets  # noqa: E402
+from ._examples import Example as Example  # noqa: E402
+from ._examples import example as example  # noqa: E402

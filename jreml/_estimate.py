@@ -67,9 +67,7 @@ def _check_data(y, X, n_model: int):
             raise ValueError(f"X has non-finite values at (row, column) {where}")
         rank = np.linalg.matrix_rank(Xn)
         if rank < Xn.shape[1]:
-            raise ValueError(
-                f"X is rank deficient (rank {rank} < {Xn.shape[1]} columns); drop aliased columns first"
-            )
+            raise ValueError(f"X is rank deficient (rank {rank} < {Xn.shape[1]} columns); drop aliased columns first")
 
 
 def _ols_residual_variance(y, X):

@@ -111,9 +111,7 @@ def reml_loglik(
     return core(theta, y, X, v_builder, reml=True).loglik
 
 
-def ml_loglik(
-    theta: Float[Array, " k"], y: Float[Array, " n"], X: Float[Array, "n p"], v_builder
-) -> Float[Array, ""]:
+def ml_loglik(theta: Float[Array, " k"], y: Float[Array, " n"], X: Float[Array, "n p"], v_builder) -> Float[Array, ""]:
     """Full (ML) log-likelihood ℓ_ML(θ) with β profiled at its GLS estimate (−inf where V is not PD)."""
     return core(theta, y, X, v_builder, reml=False).loglik
 
@@ -199,9 +197,7 @@ def _prepare(theta, y, X):
     return jnp.asarray(theta), jnp.asarray(y), jnp.asarray(X)
 
 
-def score(
-    theta, y, X, v_builder, *, method="reml", derivatives="auto", dv_builder=None
-) -> Float[Array, " k"]:
+def score(theta, y, X, v_builder, *, method="reml", derivatives="auto", dv_builder=None) -> Float[Array, " k"]:
     """∂ℓ/∂θ (k,) for ``method`` = "reml" or "ml"."""
     theta, y, X = _prepare(theta, y, X)
     reml = check_method(method)

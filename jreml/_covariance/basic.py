@@ -214,9 +214,7 @@ class AR1Matrix(AbstractCovariance):
         return jnp.stack([self.transform.forward(theta[0]), self.correlation.forward(theta[1])])
 
     def default_theta(self, variance):
-        return jnp.stack(
-            [self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))]
-        )
+        return jnp.stack([self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))])
 
 
 class CompoundSymmetricMatrix(AbstractCovariance):
@@ -253,9 +251,7 @@ class CompoundSymmetricMatrix(AbstractCovariance):
         return jnp.stack([self.transform.forward(theta[0]), self.correlation.forward(theta[1])])
 
     def default_theta(self, variance):
-        return jnp.stack(
-            [self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))]
-        )
+        return jnp.stack([self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))])
 
 
 class FixedMatrix(AbstractCovariance):

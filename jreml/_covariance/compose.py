@@ -96,9 +96,7 @@ class DummyMatrix(AbstractCovariance):
             raise ValueError(f"DummyMatrix factors have different lengths: {[len(c) for c, _ in coded]}")
         stacked = np.stack([c for c, _ in coded], axis=1)
         combos, codes = np.unique(stacked, axis=0, return_inverse=True)
-        level_names = tuple(
-            ":".join(coded[j][1][combo[j]] for j in range(len(coded))) for combo in combos.tolist()
-        )
+        level_names = tuple(":".join(coded[j][1][combo[j]] for j in range(len(coded))) for combo in combos.tolist())
         if drop_first and len(level_names) < 2:
             raise ValueError("DummyMatrix(drop_first=True) needs a factor with at least two levels")
         self.codes = jnp.asarray(codes.reshape(-1))
@@ -239,9 +237,7 @@ class CovariancePropagation(AbstractCovariance):
         if G.shape[0] != G.shape[1]:
             raise ValueError(f"CovariancePropagation G must be square, got shape {G.shape}")
         if Z.shape[1] != G.shape[0]:
-            raise ValueError(
-                f"CovariancePropagation: Z has {Z.shape[1]} columns but G is {G.shape[0]}x{G.shape[1]}"
-            )
+            raise ValueError(f"CovariancePropagation: Z has {Z.shape[1]} columns but G is {G.shape[0]}x{G.shape[1]}")
         self.Z = Z
         self.G = G
         self.name = name
@@ -278,9 +274,7 @@ class CovariancePropagation(AbstractCovariance):
     def default_theta(self, variance):
         scale = self._z_scale()
         scale = jnp.where(scale > 0, scale, 1.0)
-        return jnp.concatenate(
-            [self.Z.default_theta(jnp.ones_like(variance)), self.G.default_theta(variance / scale)]
-        )
+        return jnp.concatenate([self.Z.default_theta(jnp.ones_like(variance)), self.G.default_theta(variance / scale)])
 
     def em_plan(self):
         return None if self.Z.num_free_params else self.G.em_plan()
@@ -313,7 +307,10 @@ class KroneckerProduct(AbstractCovariance):
         return jnp.kron(self.A(theta_a), self.B(theta_b))
 
     def _local_names(self):
-        return _prefixed(self.A, "A") + _prefixed(self.B, "B")
+        # Prefix with A./B. only where both factors have parameters (otherwise the names are unambiguous).
+        if self.A.num_free_params and self.B.num_free_params:
+            return _prefixed(self.A, "A") + _prefixed(self.B, "B")
+        return self.A.param_names + self.B.param_names
 
     def build_params(self, theta):
         theta_a, theta_b = self.split(self._check_theta(theta))
@@ -321,9 +318,7 @@ class KroneckerProduct(AbstractCovariance):
 
     def default_theta(self, variance):
         # A carries the scale; B starts at mean diagonal one (the product is then ≈ variance).
-        return jnp.concatenate(
-            [self.A.default_theta(variance), self.B.default_theta(jnp.ones_like(variance))]
-        )
+        return jnp.concatenate([self.A.default_theta(variance), self.B.default_theta(jnp.ones_like(variance))])
 
 
 class CustomMatrix(AbstractCovariance):

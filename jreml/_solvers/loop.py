@@ -25,8 +25,7 @@ STATUS_MESSAGES = {
     CONVERGED: "converged",
     MAX_ITER: "did not converge: max_iter iterations reached",
     STALLED: (
-        "stopped: no step (step-halving, EM) increased the log-likelihood while the convergence tests "
-        "still failed"
+        "stopped: no step (step-halving, EM) increased the log-likelihood while the convergence tests still failed"
     ),
     INVALID_START: (
         "V(theta0) is not positive definite (its Cholesky factorisation failed) or the log-likelihood is "
@@ -109,9 +108,7 @@ def _print_iteration(verbose, max_iter, i, loglik, score_norm, step_norm, halvin
     if verbose >= 2:
         if i == 1:
             print(f"{'iter':>5} {'loglik':>18} {'|score|':>11} {'|step|':>11} {'halvings':>8}")
-        print(
-            f"{i:5d} {float(loglik):18.10f} {float(score_norm):11.3e} {float(step_norm):11.3e} {int(halvings):8d}"
-        )
+        print(f"{i:5d} {float(loglik):18.10f} {float(score_norm):11.3e} {float(step_norm):11.3e} {int(halvings):8d}")
     else:
         width = 30
         filled = min(width, round(width * i / max_iter))
@@ -139,9 +136,7 @@ def run(
     em_plan,
     verbose: int,
 ) -> LoopResult:
-    ev_kwargs = dict(
-        reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder
-    )
+    ev_kwargs = dict(reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder)
     k, p = theta0.shape[0], X.shape[1]
     dtype = theta0.dtype
     tol_score, tol_delta, tol_loglik = tolerances[0], tolerances[1], tolerances[2]
