@@ -1,21 +1,26 @@
-"""jreml: REML and ML fitting of linear mixed models in JAX."""
+"""jreml: REML and ML fitting of linear mixed models in JAX.
+
+Importing jreml turns on JAX's float64 mode unless ``JAX_ENABLE_X64`` is set in the environment
+(see ``jreml._config`` and README "Precision").
+"""
 
 from ._config import _apply_default_precision
 
 _apply_default_precision()
 
-from . import covariance as covariance  # noqa: E402
-from ._config import float_dtype as float_dtype  # noqa: E402
+# ruff: noqa: E402, I001
+from . import covariance as covariance
+from . import datasets as datasets
+from ._config import float_dtype as float_dtype
+from ._estimate import estimate as estimate
+from ._examples import Example as Example
+from ._examples import example as example
+from ._likelihood import average_information as average_information
+from ._likelihood import fisher_information as fisher_information
+from ._likelihood import ml_loglik as ml_loglik
+from ._likelihood import observed_information as observed_information
+from ._likelihood import reml_loglik as reml_loglik
+from ._likelihood import score as score
+from ._result import FitResult as FitResult
 
 __version__ = "0.1.0"
-from ._estimate import estimate as estimate  # noqa: E402
-from ._likelihood import average_information as average_information  # noqa: E402
-from ._likelihood import fisher_information as fisher_information  # noqa: E402
-from ._likelihood import ml_loglik as ml_loglik  # noqa: E402
-from ._likelihood import observed_information as observed_information  # noqa: E402
-from ._likelihood import reml_loglik as reml_loglik  # noqa: E402
-from ._likelihood import score as score  # noqa: E402
-from ._result import FitResult as FitResult  # noqa: E402
-from . import datasets as datasets  # noqa: E402
-from ._examples import Example as Example  # noqa: E402
-from ._examples import example as example  # noqa: E402
