@@ -87,11 +87,13 @@ class FitResult(eqx.Module):
             return full[Z.codes]
         return z_dense @ u
 
-    def blup(self, with_sd: bool = False):
+    def blup(self, with_sd: bool = False, prediction_error: bool = False):
         """BLUPs û = G Zᵀ P y of every Z·G·Zᵀ term, as {term name: (q,) array}.
 
-        With ``with_sd=True`` returns {name: (û, sd)} where sd² = diag(G − G Zᵀ P Z G), the conditional
-        (prediction-error) variances — lme4's ``condVar`` for a REML fit.
+        With ``with_sd=True`` returns {name: (û, sd)}: by default sd² = diag(G − G Zᵀ V⁻¹ Z G), the conditional
+        variance of u given y at β = β̂ (lme4's ``condVar``); with ``prediction_error=True``
+        sd² = diag(G − G Zᵀ P Z G), the prediction-error variance that also counts the uncertainty of β̂
+        (Henderson 1975; ASReml's "PEV").
         """
         out = {}
         weight = None
@@ -103,7 +105,7 @@ class FitResult(eqx.Module):
                 continue
             if weight is None:
                 c = core(self.theta, self.y, self.X, self.model, self.method == "reml")
-                weight = trace_weight(c, self.method == "reml")
+                weight = trace_weight(c, reml=prediction_error)
             z = z_dense if z_dense is not None else Z(jnp.zeros((0,), self.theta.dtype))
             zg = z @ g
             cond_var = jnp.diagonal(g) - jnp.sum(zg * (weight @ zg), axis=0)
