@@ -15,6 +15,7 @@ from ._config import float_dtype as float_dtype
 from ._estimate import estimate as estimate
 from ._examples import Example as Example
 from ._examples import example as example
+from ._facade import REML as REML
 from ._likelihood import average_information as average_information
 from ._likelihood import fisher_information as fisher_information
 from ._likelihood import ml_loglik as ml_loglik

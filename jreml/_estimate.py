@@ -149,7 +149,7 @@ def _fit(
     params = model.build_params(theta)
     return FitResult(
         theta=theta,
-        params=dict(zip(model.param_names, params, strict=True)),
+        natural_params=params,
         beta=c.beta,
         vcov_beta=vcov_beta,
         se_beta=jnp.sqrt(jnp.diagonal(vcov_beta)),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve, solve_triangular
@@ -104,6 +105,7 @@ def trace_weight(c: Core, reml: bool) -> Float[Array, "n n"]:
     return v_inv - b @ b.T
 
 
+@eqx.filter_jit
 def reml_loglik(
     theta: Float[Array, " k"], y: Float[Array, " n"], X: Float[Array, "n p"], v_builder
 ) -> Float[Array, ""]:
@@ -197,6 +199,7 @@ def _prepare(theta, y, X):
     return jnp.asarray(theta), jnp.asarray(y), jnp.asarray(X)
 
 
+@eqx.filter_jit
 def score(theta, y, X, v_builder, *, method="reml", derivatives="auto", dv_builder=None) -> Float[Array, " k"]:
     """∂ℓ/∂θ (k,) for ``method`` = "reml" or "ml"."""
     theta, y, X = _prepare(theta, y, X)
@@ -215,6 +218,7 @@ def score(theta, y, X, v_builder, *, method="reml", derivatives="auto", dv_build
     ).score
 
 
+@eqx.filter_jit
 def _information(kind, theta, y, X, v_builder, method, derivatives, dv_builder):
     theta, y, X = _prepare(theta, y, X)
     reml = check_method(method)

@@ -19,14 +19,14 @@ from ._solvers.loop import STATUS_MESSAGES, History
 class FitResult(eqx.Module):
     """The result of :func:`jreml.estimate` (works under ``jax.vmap``: every array leaf gains a batch axis).
 
-    Fields: ``theta`` (θ̂), ``params`` (name → natural-scale value), ``beta`` (β̂, the BLUE), ``vcov_beta``
+    Fields: ``theta`` (θ̂), ``natural_params`` (``params``: name → natural-scale value), ``beta`` (β̂, the BLUE), ``vcov_beta``
     = (XᵀV̂⁻¹X)⁻¹, ``se_beta``, ``loglik`` (lme4 convention), ``converged``, ``n_iter``, ``status``,
     ``singular`` (some variance at its lower boundary), ``score``, ``information`` (AI at θ̂),
     ``vcov_theta`` (inverse AI, pseudo-inverse where singular), ``history`` and the data (``model``, ``y``, ``X``).
     """
 
     theta: Float[Array, " k"]
-    params: dict[str, Float[Array, ""]]
+    natural_params: Float[Array, " k"]
     beta: Float[Array, " p"]
     vcov_beta: Float[Array, "p p"]
     se_beta: Float[Array, " p"]
@@ -47,6 +47,11 @@ class FitResult(eqx.Module):
     method: str = eqx.field(static=True)
     algorithm: str = eqx.field(static=True)
     param_names: tuple[str, ...] = eqx.field(static=True)
+
+    @property
+    def params(self) -> dict[str, Float[Array, "..."]]:
+        """Natural-scale parameters (variances, covariances, correlations) by name, in θ's order."""
+        return {name: self.natural_params[..., i] for i, name in enumerate(self.param_names)}
 
     @property
     def nobs(self) -> int:

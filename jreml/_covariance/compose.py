@@ -317,7 +317,14 @@ class KroneckerProduct(AbstractCovariance):
         return jnp.concatenate([self.A.build_params(theta_a), self.B.build_params(theta_b)])
 
     def default_theta(self, variance):
-        # A carries the scale; B starts at mean diagonal one (the product is then ≈ variance).
+        # A parameter-free factor (an identity, a known K) passes the whole scale to the other factor;
+        # when both have parameters, A carries the scale and B starts at mean diagonal one.
+        if not self.A.num_free_params:
+            a_scale = jnp.mean(jnp.diagonal(self.A(jnp.zeros((0,), jnp.result_type(variance)))))
+            return jnp.concatenate([self.A.default_theta(variance), self.B.default_theta(variance / a_scale)])
+        if not self.B.num_free_params:
+            b_scale = jnp.mean(jnp.diagonal(self.B(jnp.zeros((0,), jnp.result_type(variance)))))
+            return jnp.concatenate([self.A.default_theta(variance / b_scale), self.B.default_theta(variance)])
         return jnp.concatenate([self.A.default_theta(variance), self.B.default_theta(jnp.ones_like(variance))])
 
 
