@@ -111,6 +111,8 @@ def _fit(
     lb = default_lb if lb is None else lb
     ub = jnp.full_like(theta0, jnp.inf) if ub is None else ub
 
+    singular_threshold = model.default_theta(scale * SINGULAR_RELATIVE_VARIANCE)
+    snap = jnp.where(scale_mask, singular_threshold, -jnp.inf)
     out = run(
         model,
         y,
@@ -118,6 +120,8 @@ def _fit(
         theta0.astype(dtype),
         lb.astype(dtype),
         ub.astype(dtype),
+        snap.astype(dtype),
+        scale_mask,
         tolerances,
         eta,
         reml=reml,
@@ -144,7 +148,6 @@ def _fit(
     vcov_beta = chol_inv.T @ chol_inv
     information = jnp.where(c.ok, final.information, 0.0)
     vcov_theta = _pseudo_inverse(information)
-    singular_threshold = model.default_theta(scale * SINGULAR_RELATIVE_VARIANCE)
     at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
     params = model.build_params(theta)
     return FitResult(

@@ -200,11 +200,11 @@ class AR1Matrix(AbstractCovariance):
         theta = self._check_theta(theta)
         variance = self.transform.forward(theta[0])
         rho = self.correlation.forward(theta[1])
-        lags = jnp.asarray(_distance_matrix(self.n), dtype=theta.dtype)
-        # |ρ|^lag with the sign of ρ^lag; lag 0 gives exactly 1 (and no 0**0 derivative trouble).
-        magnitude = jnp.exp(lags * jnp.log(jnp.abs(rho)))
-        sign = jnp.where((jnp.sign(rho) < 0) & (jnp.mod(lags, 2.0) == 1.0), -1.0, 1.0)
-        return variance * sign * magnitude
+        lags = _distance_matrix(self.n).astype(np.int64)
+        # ρ^lag by gathering from the cumulative product [1, ρ, ρ², …]: exact signs for ρ < 0, lag 0 gives
+        # exactly 1, and value and gradient stay finite at ρ = 0 (the default start).
+        steps = jnp.concatenate([jnp.ones((1,), theta.dtype), jnp.broadcast_to(rho, (self.n - 1,))])
+        return variance * jnp.cumprod(steps)[lags]
 
     def _local_names(self):
         return ("variance", "correlation")

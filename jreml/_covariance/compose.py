@@ -54,6 +54,10 @@ def as_module(x, what: str = "operand") -> AbstractCovariance:
     return ConstantMatrix(x)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
 def _factor_codes(values, position: int) -> tuple[np.ndarray, list[str]]:
     """Integer codes and sorted level names of one factor column (strings, integers or categoricals)."""
     arr = np.asarray(values, dtype=object) if not hasattr(values, "astype") else np.asarray(values)
@@ -62,6 +66,8 @@ def _factor_codes(values, position: int) -> tuple[np.ndarray, list[str]]:
     missing = [i for i, v in enumerate(arr.tolist()) if v is None or (isinstance(v, float) and np.isnan(v))]
     if missing:
         raise ValueError(f"DummyMatrix factor {position} has missing values at rows {missing[:10]}")
+    if arr.dtype == object and arr.size and all(_is_int(v) for v in arr.tolist()):
+        arr = arr.astype(np.int64)  # a plain list of Python ints: sort its levels numerically, not as strings
     if arr.dtype.kind in "iub":
         levels, codes = np.unique(arr, return_inverse=True)
         names = [str(v) for v in levels]

@@ -17,12 +17,22 @@ def free_mask(theta, score, lb, ub) -> Bool[Array, " k"]:
 
 
 def solve_information(info, rhs, *, absolute: bool = False) -> Float[Array, " k"]:
-    """info⁻¹·rhs by a symmetric eigendecomposition with eigenvalues floored at 1e-10·max|λ|.
+    """info⁻¹·rhs, Jacobi-scaled, by a symmetric eigendecomposition with eigenvalues floored at 1e-10·max|λ|.
 
-    A near-singular information matrix (a variance heading to its boundary) gives a long step along the
-    weak direction, which the bounds then clip, instead of a NaN. ``absolute=True`` uses |λ| (for an
-    indefinite observed information: a Newton step that always ascends).
+    The scaling D = diag(info)^½ makes the solve invariant to the parameters' units: a log-variance near its
+    boundary has score and information of order σ² and σ⁴, and an unscaled floor would freeze it there.
+    A near-singular (scaled) information gives a long step along the weak direction, which step-halving
+    and the bounds then control, instead of a NaN. ``absolute=True`` uses |λ| (for an indefinite observed
+    information: a Newton step that always ascends).
     """
+    diag = jnp.abs(jnp.diagonal(info))
+    scale = jnp.where(diag > 0, jnp.sqrt(diag), 1.0)
+    info = info / scale[:, None] / scale[None, :]
+    rhs = rhs / scale
+    return _eig_solve(info, rhs, absolute) / scale
+
+
+def _eig_solve(info, rhs, absolute):
     eigvals, eigvecs = jnp.linalg.eigh(info)
     eigvals = jnp.abs(eigvals) if absolute else eigvals
     top = jnp.max(jnp.abs(eigvals))

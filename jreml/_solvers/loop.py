@@ -4,7 +4,8 @@ Every iteration (i) computes a direction d from the score and the algorithm's in
 parameters held at an active bound removed; (ii) tries θ + η·2⁻ʲ·d, j = 0, 1, …, ``max_halvings``−1, clipped
 to [lb, ub], accepting the first candidate whose V is positive definite and whose log-likelihood does not
 decrease; (iii) if none is accepted and the model is a variance-component model, tries one EM-REML step
-(always an ascent step); (iv) tests convergence. Everything is traced once; under ``jax.vmap`` the loop
+(always an ascent step); (iv) tests convergence. A variance stepping below ``snap`` (the singular threshold)
+is moved to its lower bound at once. Everything is traced once; under ``jax.vmap`` the loop
 runs until every batch member is done.
 """
 
@@ -21,6 +22,8 @@ from .._likelihood import core, derivatives_at
 from .base import AbstractAlgorithm, em_direction, free_mask
 
 RUNNING, CONVERGED, MAX_ITER, STALLED, INVALID_START = -1, 0, 1, 2, 3
+#: Largest change of a log-variance in one iteration (before the step length η).
+MAX_LOG_STEP = 5.0
 STATUS_MESSAGES = {
     CONVERGED: "converged",
     MAX_ITER: "did not converge: max_iter iterations reached",
@@ -122,6 +125,8 @@ def run(
     theta0,
     lb,
     ub,
+    snap,
+    log_scale: Bool[Array, " k"],
     tolerances: Float[Array, " 3"],
     eta: Float[Array, ""],
     *,
@@ -158,8 +163,14 @@ def run(
             direction = em_direction(theta, ev.score, free, em_plan)
         else:
             direction = algorithm.direction(theta, ev.score, ev.information, free)
+        # Trust region on log-variances: a variance changes by at most a factor e^MAX_LOG_STEP per iteration.
+        # A log-variance near 0 has a tiny information and a huge Newton step; capped, it climbs out (or
+        # descends to its bound) in a few iterations instead of leaping far past the optimum.
+        longest = jnp.max(jnp.where(log_scale, jnp.abs(direction), 0.0), initial=0.0)
+        direction = direction * jnp.minimum(1.0, MAX_LOG_STEP / jnp.maximum(longest, MAX_LOG_STEP))
         em_step = em_direction(theta, ev.score, free, em_plan) if use_em_fallback else None
-        accept_tol = 1e-10 * (1.0 + jnp.abs(ev.loglik))
+        # Only rounding-level decreases are accepted: a looser tolerance lets an over-long step cycle.
+        accept_tol = 4.0 * jnp.finfo(dtype).eps * (1.0 + jnp.abs(ev.loglik))
 
         def try_cond(carry):
             j, _, _, accepted, _ = carry
@@ -172,7 +183,11 @@ def run(
             if use_em_fallback:
                 step = jnp.where(j < max_halvings, step, em_step)
                 length = jnp.where(j < max_halvings, length, 0.0)
-            candidate = jnp.clip(theta + step, lb, ub)
+            candidate = theta + step
+            # A variance heading below the singular threshold goes straight to its bound: in log scale the
+            # boundary is at −∞ and Newton would otherwise creep towards it one unit per iteration.
+            candidate = jnp.where((candidate < snap) & (step < 0), lb, candidate)
+            candidate = jnp.clip(candidate, lb, ub)
             cand_ev = evaluate(candidate, y, X, model, **ev_kwargs)
             accepted = cand_ev.ok & (cand_ev.loglik >= ev.loglik - accept_tol)
             return j + 1, candidate, cand_ev, accepted, length

@@ -1,0 +1,228 @@
+"""The fitting loop: boundaries, vmap, algorithms, bounds, history, errors, precision."""
+
+import os
+import subprocess
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jreml
+from jreml._estimate import TRACE_COUNT
+from jreml._solvers.loop import INVALID_START
+from jreml.covariance import CovariancePropagation, DummyMatrix, FixedMatrix, ScalarMatrix, UnstructuredMatrix
+
+
+def all_finite(tree) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree) if eqx.is_inexact_array(x)]
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+def boundary_data(seed: int, groups: int = 6, per_group: int = 5):
+    """Data whose group means are all equal: the REML estimate of the group variance is exactly 0."""
+    rng = np.random.default_rng(seed)
+    e = rng.normal(size=(groups, per_group)) * (1 + seed)
+    e -= e.mean(axis=1, keepdims=True)
+    y = (10.0 + e).ravel()
+    g = np.repeat([f"g{i}" for i in range(groups)], per_group)
+    n = y.size
+    model = CovariancePropagation(DummyMatrix(g), ScalarMatrix(groups), name="g") + ScalarMatrix(n, name="Residual")
+    return model, y, np.ones((n, 1))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("algorithm", ["ai", "newton"])
+def test_zero_variance_converges_to_the_boundary(seed, algorithm):
+    model, y, X = boundary_data(seed)
+    fit = jreml.estimate(model, y, X, algorithm=algorithm)
+    assert bool(fit.converged), fit.message
+    assert bool(fit.singular)
+    assert bool(fit.at_boundary[0]) and not bool(fit.at_boundary[1])
+    assert all_finite(fit)
+    n = y.size
+    null = jreml.estimate(ScalarMatrix(n), y, X)
+    assert abs(float(fit.loglik) - float(null.loglik)) < 1e-6
+    assert float(fit.params["g.variance"]) < 1e-8 * float(fit.params["Residual.variance"])
+    np.testing.assert_allclose(float(fit.params["Residual.variance"]), float(null.params["variance"]), rtol=1e-6)
+
+
+def test_vmap_over_responses_matches_separate_fits_and_compiles_once():
+    ex = jreml.example("dyestuff")
+    rng = np.random.default_rng(1)
+    batch = 100
+    codes = np.asarray(ex.model.terms[0].Z.codes)
+    Y = 1500 + rng.normal(size=(batch, 6))[:, codes] * 40 + rng.normal(size=(batch, ex.y.size)) * 50
+    before = TRACE_COUNT[0]
+    fits = jax.vmap(lambda y: jreml.estimate(ex.model, y, ex.X))(jnp.asarray(Y))
+    assert TRACE_COUNT[0] == before + 1
+    jax.vmap(lambda y: jreml.estimate(ex.model, y, ex.X))(jnp.asarray(Y) + 1.0)
+    assert TRACE_COUNT[0] == before + 1  # same shapes: the compiled program is reused
+    assert fits.theta.shape == (batch, 2)
+    assert all_finite(fits)
+    single_before = TRACE_COUNT[0]
+    for b in range(batch):
+        single = jreml.estimate(ex.model, Y[b], ex.X)
+        np.testing.assert_allclose(np.asarray(fits.theta[b]), np.asarray(single.theta), rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(float(fits.loglik[b]), float(single.loglik), rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(fits.beta[b]), np.asarray(single.beta), rtol=1e-10)
+        assert bool(fits.converged[b]) == bool(single.converged)
+    assert TRACE_COUNT[0] <= single_before + 1
+
+
+@pytest.mark.parametrize("algorithm", ["fisher", "newton", "em"])
+def test_algorithms_reach_the_same_optimum(algorithm):
+    ex = jreml.example("machines")
+    ai = jreml.estimate(ex.model, ex.y, ex.X)
+    other = jreml.estimate(ex.model, ex.y, ex.X, algorithm=algorithm, max_iter=3000)
+    assert bool(other.converged), other.message
+    assert other.algorithm == algorithm
+    assert abs(float(other.loglik) - float(ai.loglik)) < 1e-7
+    rtol = 1e-3 if algorithm == "em" else 1e-6
+    np.testing.assert_allclose(np.asarray(other.natural_params), np.asarray(ai.natural_params), rtol=rtol)
+
+
+def test_em_needs_a_variance_component_model():
+    ex = jreml.example("sleepstudy")
+    with pytest.raises(ValueError, match="variance-component model"):
+        jreml.estimate(ex.model, ex.y, ex.X, algorithm="em")
+
+
+def test_step_halving_protects_against_a_bad_start():
+    ex = jreml.example("john_alpha")
+    ref = jreml.estimate(ex.model, ex.y, ex.X)
+    # Far from the optimum, with an over-long first step: ℓ must never decrease along the path.
+    fit = jreml.estimate(ex.model, ex.y, ex.X, theta0=jnp.array([8.0, -12.0, 6.0]), eta=4.0)
+    assert bool(fit.converged), fit.message
+    assert abs(float(fit.loglik) - float(ref.loglik)) < 1e-8
+    path = np.asarray(fit.history.loglik[: int(fit.n_iter) + 1])
+    assert np.all(np.diff(path) >= -1e-10 * (1 + np.abs(path[:-1])))
+    assert np.any(np.asarray(fit.history.step_length[1 : int(fit.n_iter) + 1]) < 4.0)
+
+
+def test_history_records_the_path():
+    ex = jreml.example("penicillin")
+    fit = jreml.estimate(ex.model, ex.y, ex.X, max_iter=50)
+    n = int(fit.n_iter)
+    assert fit.history.theta.shape == (51, 3)
+    np.testing.assert_allclose(np.asarray(fit.history.theta[n]), np.asarray(fit.theta))
+    np.testing.assert_allclose(float(fit.history.loglik[n]), float(fit.loglik), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(fit.history.beta[n]), np.asarray(fit.beta), rtol=1e-10)
+    assert np.all(np.asarray(fit.history.loglik[n + 1 :]) == 0)
+    steps = np.asarray(fit.history.step[1 : n + 1])
+    np.testing.assert_allclose(np.cumsum(steps, axis=0)[-1], np.asarray(fit.theta - fit.history.theta[0]), atol=1e-12)
+
+
+def test_convergence_checks_can_be_switched_off_and_max_iter_is_reported():
+    ex = jreml.example("dyestuff")
+    with pytest.warns(UserWarning, match="max_iter"):
+        capped = jreml.estimate(ex.model, ex.y, ex.X, max_iter=1)
+    assert not bool(capped.converged) and int(capped.n_iter) == 1
+    assert "max_iter" in capped.message
+    off = jreml.estimate(ex.model, ex.y, ex.X, check_delta=False, check_loglik=False, tol_score=1e-3)
+    assert bool(off.converged) and int(off.n_iter) >= 2
+
+
+def test_bounds_hold_and_a_fit_at_the_upper_bound_converges():
+    ex = jreml.example("dyestuff")
+    free = jreml.estimate(ex.model, ex.y, ex.X)
+    cap = float(free.theta[0]) - 1.0
+    fit = jreml.estimate(ex.model, ex.y, ex.X, ub=jnp.array([cap, jnp.inf]))
+    assert bool(fit.converged), fit.message
+    np.testing.assert_allclose(float(fit.theta[0]), cap, atol=1e-12)
+    assert float(fit.loglik) < float(free.loglik)
+
+
+def test_verbose_prints_a_table(capfd):
+    ex = jreml.example("dyestuff")
+    jreml.estimate(ex.model, ex.y, ex.X, verbose=2)
+    out = capfd.readouterr().out
+    assert "loglik" in out and "halvings" in out
+    assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) >= 2
+
+
+def test_invalid_start_is_reported_or_raised():
+    ex = jreml.example("dyestuff")
+    bad = lambda t: jnp.exp(t[0]) * jnp.ones((30, 30)) - jnp.exp(t[1]) * jnp.eye(30)  # noqa: E731
+    with pytest.raises(Exception, match="not positive definite"):
+        jreml.estimate(bad, ex.y, ex.X, theta0=jnp.zeros(2))
+    fit = jreml.estimate(bad, ex.y, ex.X, theta0=jnp.zeros(2), throw=False)
+    assert int(fit.status) == INVALID_START and not bool(fit.converged)
+
+
+def test_plain_function_model_needs_theta0_and_then_fits():
+    ex = jreml.example("kinship")
+    K = jnp.asarray(jreml.datasets.kinship_matrix())
+    n = K.shape[0]
+
+    def v(theta):
+        return jnp.exp(theta[0]) * K + jnp.exp(theta[1]) * jnp.eye(n)
+
+    with pytest.raises(ValueError, match="theta0"):
+        jreml.estimate(v, ex.y, ex.X)
+    fit = jreml.estimate(v, ex.y, ex.X, theta0=jnp.zeros(2))
+    module_fit = jreml.estimate(FixedMatrix(K) + ScalarMatrix(n), ex.y, ex.X)
+    np.testing.assert_allclose(np.asarray(fit.theta), np.asarray(module_fit.theta), rtol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"y": np.r_[np.nan, np.ones(29)]}, r"y has non-finite values .* rows \[0\]"),
+        ({"X": np.ones((29, 1))}, "X must be a 2-D design matrix with 30 rows"),
+        ({"X": np.ones((30, 2))}, "rank deficient"),
+        ({"theta0": np.zeros(3)}, r"theta0 must have shape \(2,\)"),
+        ({"method": "mle"}, "method must be one of"),
+        ({"algorithm": "bfgs"}, "algorithm must be one of"),
+        ({"y": np.ones(31)}, "30x30 but y has 31"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(kwargs, match):
+    ex = jreml.example("dyestuff")
+    args = {"y": ex.y, "X": ex.X, **kwargs}
+    y, X = args.pop("y"), args.pop("X")
+    with pytest.raises(ValueError, match=match):
+        jreml.estimate(ex.model, y, X if y.shape[0] == X.shape[0] or "X" in kwargs else np.ones((y.size, 1)), **args)
+
+
+def test_unstructured_boundary_correlation_model_reports_singular():
+    # Random slopes with no slope variation: the slope variance estimate is at its boundary.
+    rng = np.random.default_rng(3)
+    m, per = 8, 6
+    g = np.repeat(np.arange(m), per)
+    x = np.tile(np.arange(per, dtype=float), m)
+    y = 5 + 0.5 * x + rng.normal(size=m)[g] * 2 + rng.normal(size=m * per)
+    Z = np.zeros((m * per, 2 * m))
+    Z[np.arange(m * per), 2 * g] = 1.0
+    Z[np.arange(m * per), 2 * g + 1] = x
+    model = CovariancePropagation(
+        Z, jreml.covariance.KroneckerProduct(jreml.covariance.IdentityMatrix(m), UnstructuredMatrix(2)), name="g"
+    ) + ScalarMatrix(m * per)
+    fit = jreml.estimate(model, y, np.column_stack([np.ones(m * per), x]))
+    assert all_finite(fit)
+    assert bool(fit.converged), fit.message
+
+
+def test_float32_is_an_explicit_opt_in():
+    code = (
+        "import jax, jreml, numpy as np\n"
+        "assert jreml.float_dtype() == np.float32, jreml.float_dtype()\n"
+        "ex = jreml.example('dyestuff')\n"
+        "fit = jreml.estimate(ex.model, ex.y, ex.X, tol_score=1e-3, tol_delta=1e-3, tol_loglik=1e-4)\n"
+        "assert fit.loglik.dtype == np.float32\n"
+        "assert abs(float(fit.loglik) + 159.827138421129) < 1e-3, float(fit.loglik)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "JAX_ENABLE_X64": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    default = subprocess.run(
+        [sys.executable, "-c", "import jax, jreml; print(jax.config.jax_enable_x64, jreml.float_dtype())"],
+        env={k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert default.stdout.split() == ["True", "float64"]
