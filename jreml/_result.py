@@ -19,8 +19,8 @@ from ._solvers.loop import STATUS_MESSAGES, History
 class FitResult(eqx.Module):
     """The result of :func:`jreml.estimate` (works under ``jax.vmap``: every array leaf gains a batch axis).
 
-    Fields: ``theta`` (θ̂), ``natural_params`` (``params``: name → natural-scale value), ``beta`` (β̂, the BLUE), ``vcov_beta``
-    = (XᵀV̂⁻¹X)⁻¹, ``se_beta``, ``loglik`` (lme4 convention), ``converged``, ``n_iter``, ``status``,
+    Fields: ``theta`` (θ̂), ``natural_params`` (``params``: name → natural-scale value), ``beta`` (β̂, the BLUE),
+    ``vcov_beta`` = (XᵀV̂⁻¹X)⁻¹, ``se_beta``, ``loglik`` (lme4 convention), ``converged``, ``n_iter``, ``status``,
     ``singular`` (some variance at its lower boundary), ``score``, ``information`` (AI at θ̂),
     ``vcov_theta`` (inverse AI, pseudo-inverse where singular), ``history`` and the data (``model``, ``y``, ``X``).
     """
