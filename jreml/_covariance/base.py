@@ -32,6 +32,9 @@ class AbstractCovariance(eqx.Module):
     log-scales of a variance, i.e. reach the boundary 0 as θ → −∞).
     """
 
+    # numpy must not broadcast `ndarray + module` element-wise: defer to __radd__ (which builds a Sum).
+    __array_ufunc__ = None
+
     @property
     @abc.abstractmethod
     def num_free_params(self) -> int: ...

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._config import as_float_array
+from .._config import as_float_array, float_dtype
 from .base import AbstractCovariance
 from .transforms import BoundedSigmoid, Exp, LogCholesky
 
@@ -57,7 +57,7 @@ class IdentityMatrix(AbstractCovariance):
         return self._check_theta(theta)
 
     def default_theta(self, variance):
-        return jnp.zeros((0,), jnp.result_type(variance))
+        return jnp.zeros((0,), float_dtype())
 
 
 class ScalarMatrix(AbstractCovariance):

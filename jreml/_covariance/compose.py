@@ -8,9 +8,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jaxtyping import Array, Float, Int
 
-from .._config import as_float_array
+from .._config import as_float_array, float_dtype
 from .base import AbstractCovariance, RandomTerm
 
 
@@ -42,7 +43,7 @@ class ConstantMatrix(AbstractCovariance):
         return self._check_theta(theta)
 
     def default_theta(self, variance):
-        return jnp.zeros((0,), jnp.result_type(variance))
+        return jnp.zeros((0,), float_dtype())
 
 
 def as_module(x, what: str = "operand") -> AbstractCovariance:
@@ -59,24 +60,29 @@ def _is_int(v) -> bool:
 
 
 def _factor_codes(values, position: int) -> tuple[np.ndarray, list[str]]:
-    """Integer codes and sorted level names of one factor column (strings, integers or categoricals)."""
-    arr = np.asarray(values, dtype=object) if not hasattr(values, "astype") else np.asarray(values)
+    """Integer codes and sorted level names of one factor column (strings, numbers or categoricals).
+
+    Numbers sort numerically, everything else by its string's code points (Python's ``sorted``).
+    """
+    arr = np.asarray(pd.Series(values).to_numpy(dtype=object) if hasattr(values, "isna") else values)
     if arr.ndim != 1:
         raise ValueError(f"DummyMatrix factor {position} must be 1-D, got shape {arr.shape}")
-    missing = [i for i, v in enumerate(arr.tolist()) if v is None or (isinstance(v, float) and np.isnan(v))]
-    if missing:
-        raise ValueError(f"DummyMatrix factor {position} has missing values at rows {missing[:10]}")
+    missing = np.flatnonzero(pd.isna(arr))
+    if missing.size:
+        raise ValueError(f"DummyMatrix factor {position} has missing values at rows {missing[:10].tolist()}")
     if arr.dtype == object and arr.size and all(_is_int(v) for v in arr.tolist()):
         arr = arr.astype(np.int64)  # a plain list of Python ints: sort its levels numerically, not as strings
-    if arr.dtype.kind in "iub":
+    elif arr.dtype == object and arr.size and all(isinstance(v, float | np.floating) for v in arr.tolist()):
+        arr = arr.astype(np.float64)
+    if arr.dtype.kind in "iubf":
         levels, codes = np.unique(arr, return_inverse=True)
-        names = [str(v) for v in levels]
+        names = [str(v) for v in levels.tolist()]
     else:
         as_str = np.array([str(v) for v in arr.tolist()], dtype=object)
         names = sorted(set(as_str.tolist()))
         index = {v: i for i, v in enumerate(names)}
         codes = np.array([index[v] for v in as_str.tolist()], dtype=np.int64)
-    return codes.astype(np.int64), names
+    return codes.astype(np.int64).reshape(-1), names
 
 
 class DummyMatrix(AbstractCovariance):
@@ -134,7 +140,7 @@ class DummyMatrix(AbstractCovariance):
         return self._check_theta(theta)
 
     def default_theta(self, variance):
-        return jnp.zeros((0,), jnp.result_type(variance))
+        return jnp.zeros((0,), float_dtype())
 
     def mean_row_square_sum(self):
         if not self.drop_first:
@@ -326,10 +332,10 @@ class KroneckerProduct(AbstractCovariance):
         # A parameter-free factor (an identity, a known K) passes the whole scale to the other factor;
         # when both have parameters, A carries the scale and B starts at mean diagonal one.
         if not self.A.num_free_params:
-            a_scale = jnp.mean(jnp.diagonal(self.A(jnp.zeros((0,), jnp.result_type(variance)))))
+            a_scale = jnp.mean(jnp.diagonal(self.A(jnp.zeros((0,), float_dtype()))))
             return jnp.concatenate([self.A.default_theta(variance), self.B.default_theta(variance / a_scale)])
         if not self.B.num_free_params:
-            b_scale = jnp.mean(jnp.diagonal(self.B(jnp.zeros((0,), jnp.result_type(variance)))))
+            b_scale = jnp.mean(jnp.diagonal(self.B(jnp.zeros((0,), float_dtype()))))
             return jnp.concatenate([self.A.default_theta(variance / b_scale), self.B.default_theta(variance)])
         return jnp.concatenate([self.A.default_theta(variance), self.B.default_theta(jnp.ones_like(variance))])
 
@@ -381,4 +387,4 @@ class CustomMatrix(AbstractCovariance):
         return self._check_theta(theta)
 
     def default_theta(self, variance):
-        return jnp.zeros((self.n_params,), jnp.result_type(variance))
+        return jnp.zeros((self.n_params,), float_dtype())
