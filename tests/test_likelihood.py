@@ -164,8 +164,15 @@ def _fd_gradient(f, theta, h=1e-5):
     return np.stack(out)
 
 
-def _dv(model, theta):
-    return np.moveaxis(np.asarray(jax.jacfwd(model)(theta)), -1, 0)
+def _dv(model, theta, h=1e-6):
+    """∂V/∂θ_k by central finite differences (independent of JAX's autodiff)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    out = []
+    for k in range(theta.size):
+        e = np.zeros_like(theta)
+        e[k] = h
+        out.append((np.asarray(model(jnp.asarray(theta + e))) - np.asarray(model(jnp.asarray(theta - e)))) / (2 * h))
+    return np.stack(out)
 
 
 def _dense_pieces(model, theta, reml):
@@ -206,9 +213,9 @@ def test_information_matrices_match_dense_definitions(name, method):
     fisher = 0.5 * np.array([[np.trace(M @ a @ M @ b) for b in dV] for a in dV])
     for mode in ("auto", "jacfwd", "jacrev"):
         got_ai = jreml.average_information(theta, Y, X, model, method=method, derivatives=mode)
-        np.testing.assert_allclose(np.asarray(got_ai), ai, rtol=1e-8, atol=1e-10, err_msg=mode)
+        np.testing.assert_allclose(np.asarray(got_ai), ai, rtol=1e-6, atol=1e-8, err_msg=mode)
         got_f = jreml.fisher_information(theta, Y, X, model, method=method, derivatives=mode)
-        np.testing.assert_allclose(np.asarray(got_f), fisher, rtol=1e-8, atol=1e-10, err_msg=mode)
+        np.testing.assert_allclose(np.asarray(got_f), fisher, rtol=1e-6, atol=1e-8, err_msg=mode)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
