@@ -16,6 +16,10 @@ from ._estimate import estimate as estimate
 from ._examples import Example as Example
 from ._examples import example as example
 from ._facade import REML as REML
+from ._optax_fit import fit_optax as fit_optax
+from ._profiled import ProfiledObjective as ProfiledObjective
+from ._profiled import profiled_ml as profiled_ml
+from ._profiled import profiled_reml as profiled_reml
 from ._likelihood import average_information as average_information
 from ._likelihood import fisher_information as fisher_information
 from ._likelihood import ml_loglik as ml_loglik
