@@ -47,11 +47,29 @@ class FitResult(eqx.Module):
     method: str = eqx.field(static=True)
     algorithm: str = eqx.field(static=True)
     param_names: tuple[str, ...] = eqx.field(static=True)
+    beta_names: tuple[str, ...] | None = eqx.field(static=True, default=None)
+    formula: str | None = eqx.field(static=True, default=None)
+    n_dropped: int = eqx.field(static=True, default=0)
 
     @property
     def params(self) -> dict[str, Float[Array, "..."]]:
         """Natural-scale parameters (variances, covariances, correlations) by name, in θ's order."""
         return {name: self.natural_params[..., i] for i, name in enumerate(self.param_names)}
+
+    @property
+    def fixef(self) -> dict[str, float]:
+        """β̂ by fixed-effect name (fits from :func:`jreml.fit`, which record ``beta_names``)."""
+        return self._by_beta_name(self.beta)
+
+    @property
+    def se(self) -> dict[str, float]:
+        """Standard errors of β̂ by fixed-effect name (fits from :func:`jreml.fit`)."""
+        return self._by_beta_name(self.se_beta)
+
+    def _by_beta_name(self, values) -> dict[str, float]:
+        if self.beta_names is None:
+            raise AttributeError("this fit has no fixed-effect names (beta_names); use .beta / .se_beta")
+        return {name: float(v) for name, v in zip(self.beta_names, np.asarray(values), strict=True)}
 
     @property
     def nobs(self) -> int:
@@ -143,9 +161,11 @@ class FitResult(eqx.Module):
         """A plain-text summary (lme4-like: criterion, variance parameters, fixed effects)."""
         if np.ndim(self.loglik) != 0:
             return f"FitResult batched over {np.shape(self.loglik)} fits ({self.method.upper()}, {self.algorithm})"
-        lines = [
+        lines = [f"Formula: {self.formula}"] if self.formula else []
+        lines += [
             f"Linear mixed model fit by {self.method.upper()} ({self.algorithm}), "
-            f"n = {self.nobs}, {self.message} after {int(self.n_iter)} iterations",
+            f"n = {self.nobs}, {self.message} after {int(self.n_iter)} iterations"
+            + (f" ({self.n_dropped} rows with missing values dropped)" if self.n_dropped else ""),
             f"  logLik {float(self.loglik):.4f}   AIC {float(self.aic):.4f}   BIC {float(self.bic):.4f}"
             + ("   (singular: a variance is at its boundary)" if bool(self.singular) else ""),
             "Covariance parameters:",
@@ -155,7 +175,7 @@ class FitResult(eqx.Module):
         for name, theta_se in zip(self.param_names, se, strict=True):
             lines.append(f"  {name:<{width}} {float(self.params[name]):14.6g}   (SE of theta {theta_se:.3g})")
         lines.append("Fixed effects:")
-        names = beta_names or [f"beta[{i}]" for i in range(self.beta.shape[0])]
+        names = beta_names or self.beta_names or [f"beta[{i}]" for i in range(self.beta.shape[0])]
         width = max([len(n) for n in names] + [10])
         lines.append(f"  {'':<{width}} {'Estimate':>14} {'Std. Error':>12} {'t value':>9}")
         for name, b, s in zip(names, np.asarray(self.beta), np.asarray(self.se_beta), strict=True):

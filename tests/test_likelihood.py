@@ -240,3 +240,14 @@ def test_derivative_mode_errors():
         jreml.score(theta, Y, X, model, derivatives="numeric")
     with pytest.raises(ValueError, match="method must be one of"):
         jreml.score(theta, Y, X, model, method="mle")
+
+
+@pytest.mark.parametrize("n", [7, 256, 300, 613])
+def test_cholesky_inverse_matches_numpy(n):
+    from jreml._likelihood import cholesky_inverse
+
+    A = np.random.default_rng(n).normal(size=(n, n))
+    V = A @ A.T / n + np.eye(n)
+    inv = np.asarray(cholesky_inverse(jnp.linalg.cholesky(jnp.asarray(V))))
+    np.testing.assert_allclose(inv, np.linalg.inv(V), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(inv, inv.T)

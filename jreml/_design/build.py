@@ -1,0 +1,212 @@
+"""From a data frame and a parsed formula to (y, X, covariance model), as lme4's ``lFormula`` does."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from formulaic import Formula, model_matrix
+
+from .._covariance.base import AbstractCovariance
+from .._covariance.basic import FixedMatrix, IdentityMatrix, ScalarMatrix, UnstructuredMatrix
+from .._covariance.compose import CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
+from .formula import FormulaError, ParsedFormula, RandomSpec, parse_formula
+
+#: A column is aliased when its residual on the earlier columns is below this fraction of its norm.
+ALIAS_TOLERANCE = 1e-7
+
+
+@dataclass(frozen=True)
+class Design:
+    """What ``fit`` needs: response, fixed design and names, covariance model, dropped-row count."""
+
+    formula: ParsedFormula
+    y: np.ndarray
+    X: np.ndarray
+    beta_names: tuple[str, ...]
+    model: AbstractCovariance
+    n_dropped: int
+    data: pd.DataFrame
+
+
+def _column_name(name: str) -> str:
+    return "(Intercept)" if name == "Intercept" else name
+
+
+def _variables(text: str, what: str, formula: str) -> set[str]:
+    try:
+        return {str(v) for v in Formula(text).required_variables}
+    except Exception as err:  # formulaic raises several parser error types
+        raise FormulaError(f"cannot parse the {what} {text!r} of formula {formula!r}: {err}") from err
+
+
+def _matrix(text: str, data: pd.DataFrame, what: str, formula: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    try:
+        mm = model_matrix(text, data, na_action="raise", ensure_full_rank=True)
+    except Exception as err:
+        raise FormulaError(f"cannot build the {what} {text!r} of formula {formula!r}: {err}") from err
+    names = tuple(_column_name(str(c)) for c in mm.columns)
+    return np.asarray(mm, dtype=float).reshape(len(data), len(names)), names
+
+
+def _drop_aliased(X: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Drop columns that are (numerically) linear combinations of earlier ones, as lm/lmer do, with a warning."""
+    keep: list[int] = []
+    for j in range(X.shape[1]):
+        col = X[:, j]
+        norm = np.linalg.norm(col)
+        if norm == 0.0:
+            continue
+        if keep:
+            basis = X[:, keep]
+            coef, *_ = np.linalg.lstsq(basis, col, rcond=None)
+            if np.linalg.norm(col - basis @ coef) <= ALIAS_TOLERANCE * norm:
+                continue
+        keep.append(j)
+    if len(keep) < X.shape[1]:
+        dropped = [names[j] for j in range(X.shape[1]) if j not in keep]
+        warnings.warn(
+            f"fixed-effect model matrix is rank deficient: dropping aliased column(s) {dropped}",
+            UserWarning,
+            stacklevel=4,
+        )
+    return X[:, keep], tuple(names[j] for j in keep)
+
+
+def _response(parsed: ParsedFormula, data: pd.DataFrame) -> np.ndarray:
+    name = parsed.response.strip("`")
+    if name in data.columns:
+        column = data[name]
+        if not (pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column)):
+            raise TypeError(f"response {name!r} must be numeric, got dtype {column.dtype}")
+        return column.to_numpy(dtype=float)
+    try:
+        mm = model_matrix(f"{parsed.response} ~ 1", data, na_action="raise")
+    except Exception as err:
+        raise FormulaError(f"cannot evaluate the response {parsed.response!r}: {err}") from err
+    lhs = np.asarray(mm.lhs, dtype=float)
+    if lhs.ndim != 2 or lhs.shape[1] != 1:
+        raise TypeError(f"response {parsed.response!r} must be one numeric column, got {lhs.shape[1]} columns")
+    return lhs[:, 0]
+
+
+def _unique_names(specs) -> list[str]:
+    """lme4's group names: a repeated grouping factor gets ``.1``, ``.2``, ... (``(x || g)`` → g, g.1)."""
+    seen: dict[str, int] = {}
+    out = []
+    for spec in specs:
+        count = seen.get(spec.group, 0)
+        out.append(spec.group if count == 0 else f"{spec.group}.{count}")
+        seen[spec.group] = count + 1
+    return out
+
+
+def _relationship(K, levels: tuple[str, ...], group: str) -> np.ndarray:
+    """K restricted to and ordered by ``levels``; checked symmetric PSD."""
+    if isinstance(K, pd.DataFrame):
+        index = [str(v) for v in K.index]
+        missing = [lvl for lvl in levels if lvl not in set(index)]
+        if missing:
+            raise ValueError(f"relmat[{group!r}] has no rows for level(s) {missing[:10]} of {group!r}")
+        position = {v: i for i, v in enumerate(index)}
+        rows = [position[lvl] for lvl in levels]
+        columns = [str(v) for v in K.columns]
+        if set(levels) <= set(columns):
+            cpos = {v: i for i, v in enumerate(columns)}
+            cols = [cpos[lvl] for lvl in levels]
+        else:
+            cols = rows
+        Kn = K.to_numpy(dtype=float)[np.ix_(rows, cols)]
+    else:
+        Kn = np.asarray(K, dtype=float)
+        if Kn.shape != (len(levels), len(levels)):
+            raise ValueError(
+                f"relmat[{group!r}] must be {len(levels)}x{len(levels)} (the sorted levels of {group!r}), "
+                f"got shape {Kn.shape}; pass a DataFrame indexed by level to match by name"
+            )
+    if not np.all(np.isfinite(Kn)):
+        raise ValueError(f"relmat[{group!r}] has non-finite entries")
+    scale = float(np.max(np.abs(Kn))) or 1.0
+    asym = float(np.max(np.abs(Kn - Kn.T)))
+    if asym > 1e-8 * scale:
+        raise ValueError(f"relmat[{group!r}] must be symmetric: max |K - K.T| = {asym:.3g}")
+    Kn = 0.5 * (Kn + Kn.T)
+    smallest = float(np.linalg.eigvalsh(Kn)[0])
+    if smallest < -1e-8 * scale:
+        raise ValueError(f"relmat[{group!r}] must be positive semi-definite: smallest eigenvalue {smallest:.3g}")
+    return Kn
+
+
+def _slope_term(M: np.ndarray, labels: tuple[str, ...], factor: DummyMatrix, name: str) -> CovariancePropagation:
+    """Z = n×(q·m), subject-major: column j·m + k is level j's k-th term; G = I_q ⊗ Unstructured(m)."""
+    n, m = M.shape
+    q = factor.n_levels
+    codes = np.asarray(factor.codes)
+    Z = np.zeros((n, q * m))
+    rows = np.arange(n)
+    for k in range(m):
+        Z[rows, codes * m + k] = M[:, k]
+    G = KroneckerProduct(IdentityMatrix(q), UnstructuredMatrix(m, labels=labels))
+    return CovariancePropagation(Z, G, name=name)
+
+
+def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, formula: str) -> list:
+    # (x || g): one uncorrelated term per column of x's model matrix.
+    expanded: list[tuple[RandomSpec, np.ndarray, tuple[str, ...]]] = []
+    for spec in specs:
+        M, labels = _matrix(spec.expr, data, f"random-effects term ({spec.expr} | {spec.group})", formula)
+        if M.shape[1] == 0:
+            raise FormulaError(f"random-effects term ({spec.expr} | {spec.group}) has no columns in {formula!r}")
+        if spec.correlated:
+            expanded.append((spec, M, labels))
+        else:
+            expanded.extend((spec, M[:, [k]], (label,)) for k, label in enumerate(labels))
+    names = _unique_names([spec for spec, _, _ in expanded])
+    unused = set(relmat) - {spec.group for spec, _, _ in expanded}
+    if unused:
+        raise ValueError(f"relmat given for {sorted(unused)}, which is not a grouping factor of {formula!r}")
+    terms = []
+    for (spec, M, labels), name in zip(expanded, names, strict=True):
+        factor = DummyMatrix(*(data[f] for f in spec.factors))
+        if factor.n_levels < 2:
+            raise ValueError(f"grouping factor {spec.group!r} has only {factor.n_levels} level: it needs at least 2")
+        intercept_only = labels == ("(Intercept)",)
+        if spec.group in relmat:
+            if not intercept_only:
+                raise NotImplementedError(f"relmat for {spec.group!r} is supported only with (1 | {spec.group})")
+            K = _relationship(relmat[spec.group], factor.levels, spec.group)
+            terms.append(CovariancePropagation(factor, FixedMatrix(K), name=name))
+        elif intercept_only:
+            terms.append(CovariancePropagation(factor, ScalarMatrix(factor.n_levels), name=name))
+        else:
+            terms.append(_slope_term(M, labels, factor, name))
+    return terms
+
+
+def build_design(formula: str, data: pd.DataFrame, relmat: dict | None = None) -> Design:
+    """Parse ``formula``, drop rows with missing values in used columns, and build y, X and the model."""
+    parsed = parse_formula(formula)
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    relmat = dict(relmat or {})
+    text = parsed.text
+    used = _variables(f"{parsed.response} ~ {parsed.fixed}", "fixed part", text)
+    for spec in parsed.random:
+        used |= _variables(spec.expr, f"random-effects term ({spec.expr} | {spec.group})", text)
+        used |= set(spec.factors)
+    unknown = sorted(v for v in used if v not in data.columns)
+    if unknown:
+        raise KeyError(f"formula {text!r} uses column(s) {unknown} not in the data; columns: {list(data.columns)}")
+    columns = [c for c in data.columns if c in used]
+    kept = data[columns].dropna().reset_index(drop=True)
+    n_dropped = len(data) - len(kept)
+    if len(kept) == 0:
+        raise ValueError(f"no complete rows left after dropping missing values in {columns}")
+    y = _response(parsed, kept)
+    X, names = _matrix(parsed.fixed, kept, "fixed part", text)
+    X, names = _drop_aliased(X, names)
+    terms = _random_terms(list(parsed.random), kept, relmat, text)
+    model = Sum(*terms, ScalarMatrix(len(kept), name="Residual"))
+    return Design(parsed, y, X, names, model, n_dropped, kept)

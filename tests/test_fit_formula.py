@@ -1,0 +1,285 @@
+"""The formula interface ``fit``: lme4 reference fits, grammar vs hand-built models, NA handling, errors."""
+
+import functools
+import re
+
+import equinox as eqx
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import load_reference
+
+import jreml
+from jreml._covariance.basic import IdentityMatrix, ScalarMatrix, UnstructuredMatrix
+from jreml._covariance.compose import CovariancePropagation, DummyMatrix, KroneckerProduct
+from jreml._design.build import build_design
+from jreml._design.formula import FormulaError, RandomSpec, parse_formula
+from jreml._fit import fit
+
+CASES = {
+    "dyestuff": "dyestuff",
+    "sleepstudy": "sleepstudy_corr",
+    "penicillin": "penicillin",
+    "machines": "machines",
+    "john_alpha": "john_alpha",
+}
+
+
+def lme4_name(name: str) -> str:
+    """formulaic's treatment column ``Machine[T.B]`` as lme4 spells it (``MachineB``)."""
+    return re.sub(r"^(.+)\[T\.(.+)\]$", r"\1\2", name)
+
+
+@functools.cache
+def fitted(name: str, method: str):
+    ex = jreml.example(name)
+    return ex, fit(ex.formula, jreml.datasets.load(name), method=method)
+
+
+def theta_for(model) -> np.ndarray:
+    return np.linspace(-0.7, 0.6, model.num_free_params)
+
+
+JITTED = (eqx.filter_jit(jreml.reml_loglik), eqx.filter_jit(jreml.ml_loglik))
+
+
+def assert_same_loglik(design, model, y, X, theta=None, jit=False):
+    """Same REML and ML log-likelihood at θ (``jit=True`` for large n, where eager evaluation is slow)."""
+    theta = theta_for(model) if theta is None else theta
+    np.testing.assert_allclose(design.y, y, rtol=0, atol=0)
+    np.testing.assert_allclose(design.X, X, rtol=0, atol=0)
+    for loglik in JITTED if jit else (jreml.reml_loglik, jreml.ml_loglik):
+        got = float(loglik(theta, design.y, design.X, design.model))
+        want = float(loglik(theta, y, X, model))
+        assert np.isfinite(want)
+        assert abs(got - want) < 1e-10, (got, want)
+
+
+# --- the lme4 reference fits ------------------------------------------------------------------------
+@pytest.mark.parametrize("name,method", [(n, m) for n in CASES for m in ("reml", "ml")])
+def test_reference_fit_through_formula(name, method):
+    ex, result = fitted(name, method)
+    ref = load_reference(CASES[name])[method.upper()]
+    assert bool(result.converged), result.message
+    assert result.param_names == ex.model.param_names
+    assert result.formula == ex.formula and result.n_dropped == 0
+    # Same model as the hand-built one: identical log-likelihood at the fitted θ.
+    loglik = jreml.reml_loglik if method == "reml" else jreml.ml_loglik
+    assert abs(float(loglik(result.theta, ex.y, ex.X, ex.model)) - float(result.loglik)) < 1e-10
+    assert abs(float(result.loglik) - ref["logLik"]) < 1e-6
+    assert [lme4_name(n) for n in result.beta_names] == list(ex.fixef_names)
+    for name_, value in result.fixef.items():
+        np.testing.assert_allclose(value, ref["fixef"][lme4_name(name_)], rtol=1e-5, atol=1e-9)
+    for name_, value in result.se.items():
+        np.testing.assert_allclose(value, ref["fixef_se"][lme4_name(name_)], rtol=1e-4)
+
+
+def test_summary_uses_names():
+    _, result = fitted("machines", "reml")
+    text = result.summary()
+    assert "Machine[T.B]" in text and "(Intercept)" in text and "Formula: score ~ Machine" in text
+
+
+# --- parser ------------------------------------------------------------------------------------------
+def test_parse_formula_terms():
+    p = parse_formula("y ~ x + f + (1 + x | g) + (0 + x | g) + (1 | a/b) + (x || h) + (1 | a:b)")
+    assert p.response == "y" and p.fixed == "x + f"
+    assert p.random == (
+        RandomSpec("1 + x", ("g",)),
+        RandomSpec("0 + x", ("g",)),
+        RandomSpec("1", ("a",)),
+        RandomSpec("1", ("a", "b")),
+        RandomSpec("x", ("h",), correlated=False),
+        RandomSpec("1", ("a", "b")),
+    )
+    assert parse_formula("y ~ (1 | g)").fixed == "1"
+    assert [s.group for s in parse_formula("y ~ (1 | a/b/c)").random] == ["a", "a:b", "a:b:c"]
+
+
+# --- grammar vs hand-built models at a fixed θ -------------------------------------------------------
+@functools.cache
+def sleep():
+    df = jreml.datasets.load("sleepstudy")
+    n = len(df)
+    X = np.column_stack([np.ones(n), df.Days.to_numpy(float)])
+    subjects = DummyMatrix(df.Subject)
+    days_z = np.zeros((n, subjects.n_levels))
+    days_z[np.arange(n), np.asarray(subjects.codes)] = df.Days.to_numpy(float)
+    return df, X, subjects, days_z
+
+
+@pytest.mark.parametrize(
+    "formula", ["Reaction ~ Days + (Days | Subject)", "Reaction ~ 1 + Days + (1 + Days | Subject)"]
+)
+def test_correlated_slope_is_the_hand_built_model(formula):
+    ex = jreml.example("sleepstudy")
+    design = build_design(formula, ex.data)
+    assert design.model.param_names == ex.model.param_names
+    assert_same_loglik(design, ex.model, ex.y, ex.X)
+
+
+@pytest.mark.parametrize(
+    "formula", ["Reaction ~ Days + (Days || Subject)", "Reaction ~ Days + (1 | Subject) + (0 + Days | Subject)"]
+)
+def test_uncorrelated_and_repeated_factor_terms(formula):
+    df, X, subjects, days_z = sleep()
+    n = len(df)
+    design = build_design(formula, df)
+    assert [t.name for t in design.model.random_terms()] == ["Subject", "Subject.1"]
+    assert design.model.param_names == ("Subject.variance", "Subject.1.variance[Days]", "Residual.variance")
+    slope = KroneckerProduct(IdentityMatrix(subjects.n_levels), UnstructuredMatrix(1, labels=("Days",)))
+    hand = (
+        CovariancePropagation(subjects, ScalarMatrix(subjects.n_levels), name="Subject")
+        + CovariancePropagation(days_z, slope, name="Subject.1")
+        + ScalarMatrix(n, name="Residual")
+    )
+    y = df.Reaction.to_numpy(float)
+    assert_same_loglik(design, hand, y, X)
+    # Independently: the slope variance is exp(2θ) (log-Cholesky), i.e. a ScalarMatrix at 2θ.
+    plain = (
+        CovariancePropagation(subjects, ScalarMatrix(subjects.n_levels))
+        + CovariancePropagation(days_z, ScalarMatrix(subjects.n_levels))
+        + ScalarMatrix(n)
+    )
+    theta = theta_for(design.model)
+    got = float(jreml.reml_loglik(theta, y, X, design.model))
+    want = float(jreml.reml_loglik(theta * np.array([1.0, 2.0, 1.0]), y, X, plain))
+    assert abs(got - want) < 1e-10
+
+
+def test_slope_only_term():
+    df, X, subjects, days_z = sleep()
+    design = build_design("Reaction ~ Days + (0 + Days | Subject)", df)
+    plain = CovariancePropagation(days_z, ScalarMatrix(subjects.n_levels)) + ScalarMatrix(len(df))
+    theta = theta_for(design.model)
+    y = df.Reaction.to_numpy(float)
+    got = float(jreml.reml_loglik(theta, y, X, design.model))
+    assert abs(got - float(jreml.reml_loglik(theta * np.array([2.0, 1.0]), y, X, plain))) < 1e-10
+
+
+def test_nested_and_crossed_terms():
+    df = jreml.datasets.load("john_alpha")
+    n = len(df)
+    design = build_design("yield ~ rep + (1 | gen) + (1 | rep/block)", df)
+
+    def term(*cols):
+        z = DummyMatrix(*(df[c] for c in cols))
+        return CovariancePropagation(z, ScalarMatrix(z.n_levels), name=":".join(cols))
+
+    hand = term("gen") + term("rep") + term("rep", "block") + ScalarMatrix(n, name="Residual")
+    assert design.model.param_names == hand.param_names
+    assert design.beta_names == ("(Intercept)", "rep[T.R2]", "rep[T.R3]")
+    ex = jreml.example("john_alpha")
+    assert_same_loglik(design, hand, ex.y, ex.X)
+    # (1 | rep:block) alone is the example's model.
+    assert_same_loglik(build_design(ex.formula, df), ex.model, ex.y, ex.X)
+    # Crossed factors: penicillin.
+    pen = jreml.example("penicillin")
+    assert_same_loglik(build_design(pen.formula, pen.data), pen.model, pen.y, pen.X)
+
+
+# --- missing values and aliasing ---------------------------------------------------------------------
+def test_rows_with_missing_values_are_dropped():
+    df = jreml.datasets.load("dyestuff").copy()
+    df["unused"] = np.nan
+    df.loc[[2, 7], "Yield"] = np.nan
+    df.loc[11, "Batch"] = None
+    design = build_design("Yield ~ 1 + (1 | Batch)", df)
+    assert design.n_dropped == 3
+    kept = df.drop(index=[2, 7, 11]).reset_index(drop=True)
+    z = DummyMatrix(kept.Batch)
+    hand = CovariancePropagation(z, ScalarMatrix(z.n_levels), name="Batch") + ScalarMatrix(len(kept), name="R")
+    assert_same_loglik(design, hand, kept.Yield.to_numpy(float), np.ones((len(kept), 1)))
+    result = fit("Yield ~ 1 + (1 | Batch)", df)
+    assert result.n_dropped == 3 and result.nobs == 27 and bool(result.converged)
+    assert "3 rows with missing values dropped" in result.summary()
+
+
+def test_aliased_fixed_effect_is_dropped_with_warning():
+    df = jreml.datasets.load("sleepstudy").copy()
+    df["Days2"] = 2.0 * df.Days
+    with pytest.warns(UserWarning, match="Days2"):
+        design = build_design("Reaction ~ Days + Days2 + (1 | Subject)", df)
+    assert design.beta_names == ("(Intercept)", "Days")
+    assert design.X.shape[1] == 2
+
+
+# --- relationship matrices ---------------------------------------------------------------------------
+@functools.cache
+def kinship():
+    df = jreml.datasets.load("kinship")
+    K = jreml.datasets.kinship_matrix()
+    return df, K
+
+
+def test_relmat_by_name_matches_hand_built_and_reference():
+    df, K = kinship()
+    ex = jreml.example("kinship")
+    perm = np.random.default_rng(0).permutation(len(df))
+    frame = pd.DataFrame(K[np.ix_(perm, perm)], index=df.id.to_numpy()[perm], columns=df.id.to_numpy()[perm])
+    formula = "trait1 ~ 1 + covariate + (1 | id)"
+    design = build_design(formula, df, relmat={"id": frame})
+    assert design.model.param_names == ("id.variance", "Residual.variance")
+    assert_same_loglik(design, ex.model, ex.y, ex.X, jit=True)
+    # An array in sorted-level order (here the rows' order) gives the same model.
+    assert_same_loglik(build_design(formula, df, relmat={"id": K}), ex.model, ex.y, ex.X, jit=True)
+    # At the reference optimum (σ²_g, σ²_e) the log-likelihood is the reference one.
+    ref = load_reference("kinship_visible")["traits"]["trait1"]
+    theta = np.log([ref["s2g"], ref["s2e"]])
+    assert abs(float(JITTED[0](theta, design.y, design.X, design.model)) - ref["reml_loglik"]) < 1e-6
+
+
+# --- errors ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "formula,match",
+    [
+        ("Yield + (1 | Batch)", "response ~ terms"),
+        ("Yield ~ 1 + (1 | Batch", "unbalanced"),
+        ("Yield ~ 1 + 1 | Batch", "must be in parentheses"),
+        ("Yield ~ 1 + (1 | )", "no grouping factor"),
+        ("Yield ~ 1 + ( | Batch)", "empty left-hand side"),
+        ("Yield ~ 1 + (1 | Batch + 2)", "not a column name"),
+        ("Yield ~ 1 + + (1 | Batch)", "stray"),
+    ],
+)
+def test_unparseable_formula(formula, match):
+    with pytest.raises(FormulaError, match=match):
+        build_design(formula, jreml.datasets.load("dyestuff"))
+
+
+@pytest.mark.parametrize(
+    "formula,culprit",
+    [("Yield ~ x + (1 | Batch)", "x"), ("Yield ~ 1 + (1 | Plate)", "Plate"), ("Yld ~ 1 + (1 | Batch)", "Yld")],
+)
+def test_unknown_column(formula, culprit):
+    with pytest.raises(KeyError, match=culprit):
+        build_design(formula, jreml.datasets.load("dyestuff"))
+
+
+def test_non_numeric_response():
+    with pytest.raises(TypeError, match="response 'Batch' must be numeric"):
+        build_design("Batch ~ 1 + (1 | Batch)", jreml.datasets.load("dyestuff"))
+
+
+def test_grouping_factor_with_one_level():
+    df = jreml.datasets.load("dyestuff").assign(one="a")
+    with pytest.raises(ValueError, match="grouping factor 'one' has only 1 level"):
+        build_design("Yield ~ 1 + (1 | one)", df)
+
+
+def test_bad_relmat():
+    df, K = kinship()
+    formula = "trait1 ~ 1 + (1 | id)"
+    ids = df.id.to_numpy()
+    asym = K.copy()
+    asym[0, 1] += 1.0
+    with pytest.raises(ValueError, match="symmetric"):
+        build_design(formula, df, relmat={"id": asym})
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        build_design(formula, df, relmat={"id": K - 2.0 * np.eye(len(K)) * np.max(np.diag(K))})
+    with pytest.raises(ValueError, match="ind000"):
+        build_design(formula, df, relmat={"id": pd.DataFrame(K[1:, 1:], index=ids[1:], columns=ids[1:])})
+    with pytest.raises(ValueError, match="must be 400x400"):
+        build_design(formula, df, relmat={"id": K[1:, 1:]})
+    with pytest.raises(ValueError, match="not a grouping factor"):
+        build_design(formula, df, relmat={"family": K})
