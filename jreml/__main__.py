@@ -1,9 +1,21 @@
-"""The ``jreml`` command: fit a bundled example and print the result.
+"""The ``jreml`` command: fit an lme4-style formula to a CSV file (or a bundled example) and print the result.
 
-    jreml fit --example sleepstudy [--ml] [--algorithm ai|fisher|newton|em] [--json]
+    jreml fit DATA.csv "FORMULA" [--ml] [--algorithm ai|fisher|newton|em] [--relmat GROUP=K.csv] [--json]
+    jreml fit --example NAME [--trait traitN] [--ml] [--algorithm ...] [--json]
     jreml datasets
 
-(The formula interface ``jreml fit DATA.csv "FORMULA"`` is planned; examples use hand-built models.)
+Without ``--json`` the lme4-style summary is printed; with ``--json`` one JSON object with the keys method,
+nobs, loglik, aic, bic, converged, singular, n_iter, fixef, se, varcorr, sigma2 and time_s (the wall time of
+the fit, compilation included).
+
+Columns used as grouping factors (the right of ``|`` in a random term) are read as strings, so numeric codes
+are factors, as in R. ``--relmat GROUP=K.csv`` (repeatable) gives the term ``(1 | GROUP)`` the covariance
+σ²·K. K.csv is either a CSV with a header row of level names and a first column with the same level names
+(matched by name, any order; extra levels are ignored), or a plain numeric matrix without header or index
+column, in the sorted order of GROUP's levels. A file whose first line is all numbers is read as the latter.
+
+Exit status: 0 after a converged fit, 1 when the fit did not converge, 2 for a usage or input error (one line
+on stderr).
 """
 
 from __future__ import annotations
@@ -13,64 +25,184 @@ import json
 import sys
 import time
 
+#: The classic model of each bundled data set (``jreml fit --example NAME``, ``jreml datasets``).
+EXAMPLE_FORMULAS = {
+    "dyestuff": "Yield ~ 1 + (1 | Batch)",
+    "sleepstudy": "Reaction ~ Days + (Days | Subject)",
+    "penicillin": "diameter ~ 1 + (1 | plate) + (1 | sample)",
+    "machines": "score ~ Machine + (1 | Worker) + (1 | Worker:Machine)",
+    "john_alpha": "yield ~ 1 + rep + (1 | gen) + (1 | rep:block)",
+    "kinship": "trait1 ~ 1 + covariate + (1 | id)",
+}
 
-def _fit_example(args) -> int:
+
+class UserError(Exception):
+    """A mistake in the command line or the input files: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _one_line(err: BaseException) -> str:
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(message).split()) or type(err).__name__
+
+
+def _read_data(path: str, formula: str):
+    import pandas as pd
+
+    from jreml._design.formula import parse_formula
+
+    factors = {f for spec in parse_formula(formula).random for f in spec.factors}
+    try:
+        header = pd.read_csv(path, nrows=0)
+    except FileNotFoundError as err:
+        raise UserError(f"data file {path!r} not found") from err
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read data file {path!r}: {_one_line(err)}") from err
+    dtype = {c: str for c in header.columns if c in factors}
+    try:
+        return pd.read_csv(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read data file {path!r}: {_one_line(err)}") from err
+
+
+def _read_relmat(text: str):
     import numpy as np
+    import pandas as pd
 
-    import jreml
+    group, sep, path = text.partition("=")
+    if not sep or not group.strip() or not path.strip():
+        raise UserError(f"--relmat expects GROUP=FILE.csv, got {text!r}")
+    group, path = group.strip(), path.strip()
+    try:
+        with open(path) as fh:
+            first = fh.readline()
+    except OSError as err:
+        raise UserError(f"relmat file {path!r} for {group!r}: {err.strerror or err}") from err
+    cells = [c.strip().strip('"') for c in first.strip().split(",")]
+
+    def number(c):
+        try:
+            float(c)
+            return True
+        except ValueError:
+            return False
 
     try:
-        ex = jreml.example(args.example, **({"trait": args.trait} if args.trait else {}))
-    except (ValueError, KeyError) as err:
-        print(f"jreml: {err}", file=sys.stderr)
-        return 2
+        if cells and all(number(c) for c in cells):
+            K = np.loadtxt(path, delimiter=",", ndmin=2)
+        else:
+            K = pd.read_csv(path, index_col=0, dtype={0: str})
+            K.index = [str(v) for v in K.index]
+            K.columns = [str(c) for c in K.columns]
+            K = K.astype(float)
+    except ValueError as err:
+        raise UserError(f"relmat file {path!r} for {group!r}: not a numeric matrix ({_one_line(err)})") from err
+    return group, K
+
+
+def _run_fit(formula, data, relmat, args):
+    import jreml
+
     start = time.perf_counter()
-    fit = jreml.estimate(ex.model, ex.y, ex.X, method="ml" if args.ml else "reml", algorithm=args.algorithm)
+    fit = jreml.fit(formula, data, method="ml" if args.ml else "reml", algorithm=args.algorithm, relmat=relmat)
     fit.loglik.block_until_ready()
     elapsed = time.perf_counter() - start
     if args.json:
-        out = {
-            "example": ex.name,
-            "model": ex.formula,
-            "method": fit.method.upper(),
-            "nobs": fit.nobs,
-            "loglik": float(fit.loglik),
-            "aic": float(fit.aic),
-            "bic": float(fit.bic),
-            "converged": bool(fit.converged),
-            "singular": bool(fit.singular),
-            "n_iter": int(fit.n_iter),
-            "fixef": dict(zip(ex.fixef_names, np.asarray(fit.beta).tolist(), strict=True)),
-            "se": dict(zip(ex.fixef_names, np.asarray(fit.se_beta).tolist(), strict=True)),
-            "params": {k: float(v) for k, v in fit.params.items()},
-            "time_s": elapsed,
-        }
+        out = fit.to_dict()
+        out["time_s"] = elapsed
         print(json.dumps(out, indent=2))
     else:
-        print(f"Example {ex.name!r}: {ex.formula}")
-        print(fit.summary(beta_names=list(ex.fixef_names)))
-        print(f"(fit in {elapsed:.2f} s, compilation included)")
-    return 0 if bool(fit.converged) else 1
+        print(fit.summary())
+        print(f"\n(fit in {elapsed:.2f} s, compilation included)")
+    if not bool(fit.converged):
+        print(f"jreml: warning: the fit did not converge ({fit.message})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _example(args):
+    import pandas as pd
+
+    import jreml
+
+    name = args.example.lower()
+    if name not in EXAMPLE_FORMULAS:
+        raise UserError(f"unknown data set {args.example!r}; available: {', '.join(EXAMPLE_FORMULAS)}")
+    data = jreml.datasets.load(name)
+    formula = EXAMPLE_FORMULAS[name]
+    relmat = None
+    if name == "kinship":
+        trait = args.trait or "trait1"
+        if trait not in data.columns or not trait.startswith("trait"):
+            traits = [c for c in data.columns if c.startswith("trait")]
+            raise UserError(f"unknown trait {trait!r}; available: {', '.join(traits)}")
+        formula = formula.replace("trait1", trait)
+        ids = [str(v) for v in data["id"]]
+        relmat = {"id": pd.DataFrame(jreml.datasets.kinship_matrix(), index=ids, columns=ids)}
+    elif args.trait:
+        raise UserError("--trait applies to the kinship example only")
+    return formula, data, relmat
+
+
+def _fit_command(args) -> int:
+    if args.example:
+        if args.data or args.formula:
+            raise UserError("give either DATA.csv FORMULA or --example NAME, not both")
+        if args.relmat:
+            raise UserError("--relmat applies to DATA.csv FORMULA fits, not to --example")
+        formula, data, relmat = _example(args)
+    else:
+        if not args.data or not args.formula:
+            raise UserError("`jreml fit` needs DATA.csv and FORMULA (or --example NAME)")
+        formula = args.formula
+        data = _read_data(args.data, formula)
+        relmat = dict(_read_relmat(text) for text in args.relmat or [])
+    return _run_fit(formula, data, relmat, args)
+
+
+def _datasets() -> int:
+    from jreml import datasets
+
+    for name, desc in datasets.list_datasets().items():
+        print(f"{name:12s} {EXAMPLE_FORMULAS.get(name, ''):56s} {desc}")
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jreml", description="REML/ML fits of linear mixed models in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="fit a model")
-    fit.add_argument("--example", required=True, help="a bundled data set (see `jreml datasets`)")
+    parser = _Parser(prog="jreml", description="REML/ML fits of linear mixed models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fit = sub.add_parser("fit", help="fit an lme4-style formula to a CSV file or a bundled data set")
+    fit.add_argument("data", nargs="?", help="a CSV file with a header row")
+    fit.add_argument("formula", nargs="?", help='an lme4 formula, e.g. "Reaction ~ Days + (Days | Subject)"')
+    fit.add_argument("--example", help="fit a bundled data set's classic model instead (see `jreml datasets`)")
     fit.add_argument("--trait", help="kinship example: which trait column (default trait1)")
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
     fit.add_argument("--algorithm", default="ai", choices=["ai", "fisher", "newton", "em"])
+    fit.add_argument(
+        "--relmat",
+        action="append",
+        metavar="GROUP=K.csv",
+        help="covariance sigma^2*K for (1 | GROUP); K.csv with a header row and index column of level names, "
+        "or a plain numeric matrix in sorted-level order",
+    )
     fit.add_argument("--json", action="store_true", help="print one JSON object")
-    sub.add_parser("datasets", help="list the bundled data sets")
-    args = parser.parse_args(argv)
-    if args.command == "datasets":
-        from jreml import datasets
-
-        for name, desc in datasets.list_datasets().items():
-            print(f"{name:12s} {desc}")
-        return 0
-    return _fit_example(args)
+    sub.add_parser("datasets", help="list the bundled data sets and their formulas")
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "datasets":
+            return _datasets()
+        return _fit_command(args)
+    except UserError as err:
+        print(f"jreml: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError, TypeError, NotImplementedError) as err:
+        # Raised by the formula layer for unknown columns, bad formulas, non-numeric responses, bad relmats.
+        print(f"jreml: error: {_one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
+from formulaic import model_matrix
 
-from ._design.build import build_design
+from ._covariance.compose import DummyMatrix
+from ._design.build import Design, _column_name, _unique_names, build_design
 from ._estimate import estimate
-from ._result import FitResult
+from ._result import FitResult, FormulaInfo, RandomTermInfo
 
 
 def fit(
@@ -29,9 +31,50 @@ def fit(
     (``result.n_dropped``). ``relmat={"g": K}`` gives the term ``(1 | g)`` the covariance σ²·K, with K a
     DataFrame indexed by level names or an array in sorted-level order. Other keyword ``options`` go to
     :func:`jreml.estimate`.
+
+    The result knows its names: ``fixef``, ``se``, ``varcorr`` (lme4's VarCorr layout), ``ranef`` (conditional
+    modes and SDs by group), ``sigma2``, ``ngroups``, ``predict(newdata, re_form)``, ``to_dict()`` and an
+    lme4-style ``print(fit)``.
     """
     design = build_design(formula, data, relmat)
     result = estimate(design.model, design.y, design.X, method=method, algorithm=algorithm, **options)
     return dataclasses.replace(
-        result, beta_names=design.beta_names, formula=design.formula.text, n_dropped=design.n_dropped
+        result,
+        beta_names=design.beta_names,
+        formula=design.formula.text,
+        n_dropped=design.n_dropped,
+        formula_info=formula_info(design),
     )
+
+
+def _spec(text: str, data: pd.DataFrame):
+    mm = model_matrix(text, data, na_action="raise", ensure_full_rank=True)
+    return mm.model_spec, tuple(_column_name(str(c)) for c in mm.columns)
+
+
+def formula_info(design: Design) -> FormulaInfo:
+    """The model specs and random-term metadata a result needs for names, ``ranef`` and ``predict(newdata)``.
+
+    Mirrors the term expansion of ``build_design`` (``(x || g)`` → one term per column, lme4 names) and checks
+    that the names agree with the terms of the built model.
+    """
+    data = design.data
+    fixed_spec, names = _spec(design.formula.fixed, data)
+    kept = tuple(names.index(n) for n in design.beta_names)
+    expanded = []
+    for spec in design.formula.random:
+        expr_spec, labels = _spec(spec.expr, data)
+        if spec.correlated:
+            expanded.append((spec, expr_spec, labels, None))
+        else:
+            expanded.extend((spec, expr_spec, (label,), (k,)) for k, label in enumerate(labels))
+    term_names = _unique_names([spec for spec, *_ in expanded])
+    model_names = [t.name for t in design.model.random_terms()]
+    if term_names != model_names:  # pragma: no cover - a mismatch with build_design is a bug
+        raise RuntimeError(f"formula terms {term_names} do not match the model's terms {model_names}")
+    terms = []
+    for (spec, expr_spec, labels, columns), name in zip(expanded, term_names, strict=True):
+        levels = DummyMatrix(*(data[f] for f in spec.factors)).levels
+        intercept_only = labels == ("(Intercept)",)
+        terms.append(RandomTermInfo(name, spec.factors, labels, levels, None if intercept_only else expr_spec, columns))
+    return FormulaInfo(design.formula.text, fixed_spec, kept, tuple(terms))

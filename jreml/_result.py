@@ -3,17 +3,112 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import DummyMatrix
 from ._likelihood import core, trace_weight
 from ._solvers.loop import STATUS_MESSAGES, History
+
+
+@dataclass(frozen=True)
+class RandomTermInfo:
+    """What the formula layer knows about one random term, for ``varcorr``, ``ranef`` and ``predict(newdata)``.
+
+    ``name`` is the term's (lme4) name (``"Subject"``, ``"Subject.1"`` for a second term on the same factor),
+    ``factors`` the grouping columns, ``labels`` the term's columns (``("(Intercept)", "Days")``), ``levels``
+    the factor's levels in the fit (the order of û), ``spec`` formulaic's model spec of the term's expression
+    (``None`` for an intercept-only term) and ``columns`` which of its columns the term uses (``(x || g)``).
+    """
+
+    name: str
+    factors: tuple[str, ...]
+    labels: tuple[str, ...]
+    levels: tuple[str, ...]
+    spec: Any = None
+    columns: tuple[int, ...] | None = None
+
+    @property
+    def group(self) -> str:
+        return ":".join(self.factors)
+
+
+@dataclass(frozen=True, eq=False)
+class FormulaInfo:
+    """The formula layer's metadata of a :func:`jreml.fit` result (fixed-part model spec, random terms).
+
+    Stored as a static field of :class:`FitResult`, which must be hashable; formulaic's ``ModelSpec`` is not, so
+    this class compares and hashes by identity (``eq=False``). A jitted function that takes a formula fit
+    therefore recompiles for each new fit; ``estimate`` results (``formula_info=None``) are unaffected.
+    """
+
+    text: str
+    fixed_spec: Any
+    fixed_columns: tuple[int, ...]
+    terms: tuple[RandomTermInfo, ...]
+
+
+def _level_names(column) -> list[str]:
+    """Each value of a factor column as ``DummyMatrix`` names its level (ints as ints, floats as floats)."""
+    values = pd.Series(column).to_numpy(dtype=object).tolist()
+    if values and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
+        return [str(int(v)) for v in values]
+    if values and all(isinstance(v, float | np.floating) for v in values):
+        return [str(float(v)) for v in values]
+    return [str(v) for v in values]
+
+
+def _abbreviate(name: str, minlength: int = 6) -> str:
+    """R's ``abbreviate``, simplified: drop lower-case vowels, then lower-case letters, from the right.
+
+    formulaic's treatment columns are first written as lme4 does (``Machine[T.B]`` → ``MachineB`` → ``MachnB``).
+    """
+    match = re.match(r"^(.+)\[T\.(.+)\]$", name)
+    chars = list(match.group(1) + match.group(2) if match else name)
+    for pattern in ("aeiou", "abcdefghijklmnopqrstuvwxyz"):
+        i = len(chars) - 1
+        while len(chars) > minlength and i > 0:
+            if chars[i] in pattern and chars[i - 1] not in " ":
+                del chars[i]
+            i -= 1
+    return "".join(chars[:minlength]) if len(chars) > minlength else "".join(chars)
+
+
+def _column(values, digits: int = 4) -> list[str]:
+    """Format a column as R does: one number of decimals for all, enough for ``digits`` significant digits."""
+    finite = [abs(v) for v in values if np.isfinite(v) and v != 0]
+    if not finite:
+        return [f"{v:.{digits}g}" for v in values]
+    magnitude = math.floor(math.log10(min(max(finite), 1e300)))
+    smallest = math.floor(math.log10(min(finite)))
+    decimals = max(0, digits - 1 - min(magnitude, max(smallest, magnitude - digits)))
+    decimals = min(decimals, 8)
+    return [f"{v:.{decimals}f}" if np.isfinite(v) else str(v) for v in values]
+
+
+def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
+    """A text table: the first ``left`` columns left-aligned, the others right-aligned."""
+    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    out = []
+    for r in [header, *rows]:
+        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
+        out.append(" ".join(cells).rstrip())
+    return out
+
+
+def _json_float(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 class FitResult(eqx.Module):
@@ -50,6 +145,7 @@ class FitResult(eqx.Module):
     beta_names: tuple[str, ...] | None = eqx.field(static=True, default=None)
     formula: str | None = eqx.field(static=True, default=None)
     n_dropped: int = eqx.field(static=True, default=0)
+    formula_info: FormulaInfo | None = eqx.field(static=True, default=None)
 
     @property
     def params(self) -> dict[str, Float[Array, "..."]]:
@@ -139,14 +235,68 @@ class FitResult(eqx.Module):
         """Xβ̂ (fixed effects only); ``X`` defaults to the fitted design."""
         return (self.X if X is None else jnp.asarray(X)) @ self.beta
 
-    def predict(self):
-        """Conditional predictions Xβ̂ + Σ_terms Z û on the fitted data."""
-        fitted = self.X @ self.beta
-        for term in self.model.random_terms():
-            Z, z_dense, g = self._term_parts(term)
-            u = g @ self._z_transpose(Z, z_dense, self.p_y)
-            fitted = fitted + self._z_times(Z, z_dense, u)
-        return fitted
+    def predict(self, newdata=None, re_form=None):
+        """Conditional predictions Xβ̂ + Σ_terms Z û (lme4's ``predict``).
+
+        ``re_form=None`` uses every random term; ``re_form=False`` (or ``"~0"``, ``"NA"``, as lme4's
+        ``re.form = NA``) gives the fixed effects alone, Xβ̂. ``newdata`` (formula fits only) is a DataFrame: X is
+        rebuilt with the fit's fixed-effects model spec (same contrasts and levels) and each random term adds
+        Z·û for the levels seen in the fit; a level not seen in the fit contributes 0.
+        """
+        fixed_only = _fixed_only(re_form)
+        if newdata is None:
+            if fixed_only:
+                return self.X @ self.beta
+            fitted = self.X @ self.beta
+            for term in self.model.random_terms():
+                Z, z_dense, g = self._term_parts(term)
+                u = g @ self._z_transpose(Z, z_dense, self.p_y)
+                fitted = fitted + self._z_times(Z, z_dense, u)
+            return fitted
+        info = self._info("predict(newdata=...)")
+        if not isinstance(newdata, pd.DataFrame):
+            raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        X = self._new_matrix(info.fixed_spec, newdata, "fixed part")[:, list(info.fixed_columns)]
+        fitted = X @ np.asarray(self.beta)
+        if fixed_only:
+            return jnp.asarray(fitted)
+        blups = self.blup()
+        for term_info in info.terms:
+            u = np.asarray(blups[term_info.name]).reshape(len(term_info.levels), len(term_info.labels))
+            fitted = fitted + self._new_random_part(term_info, u, newdata)
+        return jnp.asarray(fitted)
+
+    @staticmethod
+    def _new_matrix(spec, newdata: pd.DataFrame, what: str) -> np.ndarray:
+        from formulaic.errors import DataMismatchWarning
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", DataMismatchWarning)
+                mm = spec.get_model_matrix(newdata, na_action="raise")
+        except DataMismatchWarning as err:
+            raise ValueError(f"newdata: the {what} has a factor level not seen in the fit: {err}") from err
+        except Exception as err:  # formulaic raises several error types for missing columns and values
+            raise ValueError(f"newdata: cannot build the {what}: {err}") from err
+        return np.asarray(mm, dtype=float).reshape(len(newdata), -1)
+
+    def _new_random_part(self, info: RandomTermInfo, u: np.ndarray, newdata: pd.DataFrame) -> np.ndarray:
+        missing = [f for f in info.factors if f not in newdata.columns]
+        if missing:
+            raise ValueError(f"newdata has no column {missing} (grouping factor of the term {info.name!r})")
+        if info.spec is None:
+            M = np.ones((len(newdata), 1))
+        else:
+            M = self._new_matrix(info.spec, newdata, f"random term {info.name!r}")
+            if info.columns is not None:
+                M = M[:, list(info.columns)]
+        names = [_level_names(newdata[f]) for f in info.factors]
+        position = {level: j for j, level in enumerate(info.levels)}
+        rows = np.array([position.get(":".join(parts), -1) for parts in zip(*names, strict=True)], dtype=np.int64)
+        seen = rows >= 0
+        contribution = np.zeros(len(newdata))
+        contribution[seen] = np.sum(M[seen] * u[rows[seen]], axis=1)
+        return contribution
 
     def residuals(self):
         """Conditional residuals y − Xβ̂ − Σ Z û."""
@@ -156,11 +306,162 @@ class FitResult(eqx.Module):
         """Marginal residuals y − Xβ̂."""
         return self.y - self.X @ self.beta
 
+    # --- lme4-style accessors (fits from jreml.fit) ---------------------------------------------------
+    def _info(self, what: str) -> FormulaInfo:
+        if self.formula_info is None:
+            raise AttributeError(f"{what} needs a fit from jreml.fit (a formula); this result has no formula")
+        if np.ndim(self.loglik) != 0:
+            raise ValueError(f"{what} needs a single fit, not a batch of {np.shape(self.loglik)} fits")
+        return self.formula_info
+
+    @property
+    def sigma2(self) -> float:
+        """The residual variance σ̂² (the ``Residual.variance`` parameter)."""
+        if "Residual.variance" not in self.param_names:
+            raise AttributeError("this model has no 'Residual.variance' parameter")
+        return float(self.params["Residual.variance"])
+
+    def _ordered_terms(self):
+        """(term info, G block m×m) per random term, in lme4's order (more levels first, stable)."""
+        info = self._info("the random-effects summary")
+        by_name = {t.name: t for t in self.model.random_terms()}
+        out = []
+        for term_info in info.terms:
+            term = by_name[term_info.name]
+            theta_g = self.theta[term.offset : term.offset + term.G.num_free_params]
+            m = len(term_info.labels)
+            if m == 1:
+                block = np.asarray(term.G.build_params(theta_g))[:1].reshape(1, 1)
+            else:
+                block = np.asarray(term.G(theta_g))[:m, :m]
+            out.append((term_info, block))
+        order = sorted(range(len(out)), key=lambda i: -len(out[i][0].levels))
+        return [out[i] for i in order]
+
+    @property
+    def ngroups(self) -> dict[str, int]:
+        """Number of levels of each grouping factor (lme4's ``ngrps``), more levels first."""
+        out: dict[str, int] = {}
+        for term_info, _ in self._ordered_terms():
+            out.setdefault(term_info.group, len(term_info.levels))
+        return out
+
+    def _varcorr_rows(self) -> list[dict]:
+        rows = []
+        for term_info, block in self._ordered_terms():
+            labels = term_info.labels
+            sd = np.sqrt(np.maximum(np.diagonal(block), 0.0))
+            for i, label in enumerate(labels):
+                rows.append(
+                    dict(
+                        group=term_info.name,
+                        term1=label,
+                        term2=None,
+                        variance=float(block[i, i]),
+                        covariance=None,
+                        sd=float(sd[i]),
+                        corr=None,
+                    )
+                )
+            for i in range(len(labels)):
+                for j in range(i + 1, len(labels)):
+                    denom = sd[i] * sd[j]
+                    corr = float(block[i, j] / denom) if denom > 0 else float("nan")
+                    rows.append(
+                        dict(
+                            group=term_info.name,
+                            term1=labels[i],
+                            term2=labels[j],
+                            variance=None,
+                            covariance=float(block[i, j]),
+                            sd=None,
+                            corr=corr,
+                        )
+                    )
+        s2 = self.sigma2
+        rows.append(
+            dict(
+                group="Residual",
+                term1=None,
+                term2=None,
+                variance=s2,
+                covariance=None,
+                sd=math.sqrt(max(s2, 0.0)),
+                corr=None,
+            )
+        )
+        return rows
+
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """Variance components in the layout of lme4's ``as.data.frame(VarCorr(fit))``.
+
+        Columns group, term1, term2, variance, covariance, sd, corr: one row per variance (variance and sd), one
+        per covariance of a correlated term (covariance and corr; term2 set), and the ``Residual`` row.
+        """
+        columns = ["group", "term1", "term2", "variance", "covariance", "sd", "corr"]
+        frame = pd.DataFrame(self._varcorr_rows(), columns=columns)
+        for c in columns[1:3]:
+            frame[c] = frame[c].astype(object).where(frame[c].notna(), None)
+        for c in columns[3:]:
+            frame[c] = frame[c].astype(float)
+        return frame
+
+    @property
+    def ranef(self) -> dict[str, pd.DataFrame]:
+        """Conditional modes by grouping factor (lme4's ``ranef(fit, condVar = TRUE)``).
+
+        ``{group: DataFrame}`` indexed by level, one column per term and a ``<term>_sd`` column with the
+        conditional standard deviation of each mode.
+        """
+        info = self._info("ranef")
+        blups = self.blup(with_sd=True)
+        frames: dict[str, pd.DataFrame] = {}
+        for term_info in info.terms:
+            u, sd = (np.asarray(a).reshape(len(term_info.levels), len(term_info.labels)) for a in blups[term_info.name])
+            frame = frames.get(term_info.group)
+            if frame is None:
+                frame = pd.DataFrame(index=pd.Index(list(term_info.levels), name=term_info.group))
+            for k, label in enumerate(term_info.labels):
+                column = label if label not in frame.columns else f"{term_info.name}:{label}"
+                frame[column] = pd.Series(u[:, k], index=list(term_info.levels))
+                frame[f"{column}_sd"] = pd.Series(sd[:, k], index=list(term_info.levels))
+            frames[term_info.group] = frame
+        # modes first, then their SDs
+        out = {}
+        for group, frame in frames.items():
+            modes = [c for c in frame.columns if not c.endswith("_sd")]
+            out[group] = frame[modes + [f"{c}_sd" for c in modes]]
+        return out
+
+    def to_dict(self) -> dict:
+        """The fit as a JSON-ready dict (the ``jreml fit --json`` object without ``time_s``)."""
+        self._info("to_dict")
+        return {
+            "method": self.method.upper(),
+            "nobs": int(self.nobs),
+            "loglik": float(self.loglik),
+            "aic": float(self.aic),
+            "bic": float(self.bic),
+            "converged": bool(self.converged),
+            "singular": bool(self.singular),
+            "n_iter": int(self.n_iter),
+            "fixef": self.fixef,
+            "se": self.se,
+            "varcorr": [
+                {k: (_json_float(v) if isinstance(v, float) else v) for k, v in row.items()}
+                for row in self._varcorr_rows()
+            ],
+            "sigma2": self.sigma2,
+        }
+
     # --- display ----------------------------------------------------------------------------------
     def summary(self, beta_names=None) -> str:
-        """A plain-text summary (lme4-like: criterion, variance parameters, fixed effects)."""
+        """A plain-text summary: lme4's ``summary(fit)`` layout for :func:`jreml.fit` results, else a short one."""
         if np.ndim(self.loglik) != 0:
             return f"FitResult batched over {np.shape(self.loglik)} fits ({self.method.upper()}, {self.algorithm})"
+        if self.formula_info is not None and beta_names is None:
+            return self._lme4_summary()
         lines = [f"Formula: {self.formula}"] if self.formula else []
         lines += [
             f"Linear mixed model fit by {self.method.upper()} ({self.algorithm}), "
@@ -182,5 +483,90 @@ class FitResult(eqx.Module):
             lines.append(f"  {name:<{width}} {b:14.6g} {s:12.6g} {b / s:9.3f}")
         return "\n".join(lines)
 
+    def _lme4_summary(self) -> str:
+        reml = self.method == "reml"
+        loglik = float(self.loglik)
+        lines = [
+            "Linear mixed model fit by " + ("REML" if reml else "maximum likelihood") + " ['lmerMod']",
+            f"Formula: {self.formula}",
+        ]
+        if self.n_dropped:
+            lines.append(f"  ({self.n_dropped} rows with missing values dropped)")
+        lines.append("")
+        if reml:
+            lines.append(f"REML criterion at convergence: {-2.0 * loglik:.4f}")
+        else:
+            values = [float(self.aic), float(self.bic), loglik, -2.0 * loglik]
+            cells = [f"{v:.4f}" for v in values] + [str(self.nobs - self.num_params)]
+            lines += _table(["AIC", "BIC", "logLik", "deviance", "df.resid"], [cells], left=0)
+        if not bool(self.converged):
+            lines.append(f"Warning: not converged ({self.message} after {int(self.n_iter)} iterations)")
+        if bool(self.singular):
+            lines.append("boundary (singular) fit: a variance is at its lower bound")
+        lines += ["", "Scaled residuals:"]
+        scaled = np.asarray(self.residuals()) / math.sqrt(self.sigma2)
+        quantiles = np.quantile(scaled, [0.0, 0.25, 0.5, 0.75, 1.0])
+        lines += _table(["Min", "1Q", "Median", "3Q", "Max"], [[f"{q:.4f}" for q in quantiles]], left=0)
+        lines += ["", "Random effects:"]
+        lines += self._random_effects_table()
+        groups = "; ".join(f"{g}, {n}" for g, n in self.ngroups.items())
+        lines.append(f"Number of obs: {self.nobs}, groups:  {groups}")
+        lines += ["", "Fixed effects:"]
+        beta, se = np.asarray(self.beta, dtype=float), np.asarray(self.se_beta, dtype=float)
+        names = list(self.beta_names)
+        columns = [_column(beta.tolist()), _column(se.tolist()), [f"{t:.3f}" for t in (beta / se).tolist()]]
+        rows = [[name, *(c[i] for c in columns)] for i, name in enumerate(names)]
+        lines += _table(["", "Estimate", "Std. Error", "t value"], rows)
+        if len(names) > 1:
+            vcov = np.asarray(self.vcov_beta, dtype=float)
+            d = np.sqrt(np.diagonal(vcov))
+            corr = vcov / np.outer(d, d)
+            short = [_abbreviate(n) for n in names]
+            rows = [
+                [names[i]] + [f"{corr[i, j]:.3f}" if j < i else "" for j in range(len(names) - 1)]
+                for i in range(1, len(names))
+            ]
+            lines += ["", "Correlation of Fixed Effects:"]
+            lines += _table(["", *short[:-1]], rows)
+        return "\n".join(lines)
+
+    def _random_effects_table(self) -> list[str]:
+        blocks = self._ordered_terms()
+        any_corr = any(len(info.labels) > 1 for info, _ in blocks)
+        rows = []
+        for info, block in blocks:
+            sd = np.sqrt(np.maximum(np.diagonal(block), 0.0))
+            for i, label in enumerate(info.labels):
+                row = [info.name if i == 0 else "", label, float(block[i, i]), float(sd[i])]
+                corr = []
+                for j in range(i):
+                    denom = sd[i] * sd[j]
+                    corr.append(f"{block[i, j] / denom:.2f}" if denom > 0 else "NaN")
+                rows.append((row, corr))
+        s2 = self.sigma2
+        rows.append((["Residual", "", s2, math.sqrt(max(s2, 0.0))], []))
+        variances = _column([r[2] for r, _ in rows])
+        sds = _column([r[3] for r, _ in rows])
+        width = max([len(c) for _, c in rows] + [0])
+        header = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] + [""] * (width - 1) if any_corr else [])
+        table = []
+        for (row, corr), v, s in zip(rows, variances, sds, strict=True):
+            cells = [row[0], row[1], v, s]
+            if any_corr:
+                cells += corr + [""] * (max(width, 1) - len(corr))
+            table.append(cells)
+        return [" " + line for line in _table(header, table, left=2)]
+
     def __str__(self) -> str:
         return self.summary()
+
+
+def _fixed_only(re_form) -> bool:
+    """lme4's ``re.form``: None → all random terms; False / NA / ``~0`` → none."""
+    if re_form is None:
+        return False
+    if re_form is False:
+        return True
+    if isinstance(re_form, str) and re_form.replace(" ", "") in ("~0", "NA", "0"):
+        return True
+    raise ValueError(f"re_form={re_form!r}: only None (all random terms) and False / '~0' (none) are supported")
