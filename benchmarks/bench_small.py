@@ -18,6 +18,10 @@ For each of dyestuff, sleepstudy, penicillin, machines and john_alpha (``jreml.e
   ``lmer(formula, data, REML = TRUE)`` (formula parsing included, as lme4 always does it) in one R process
   started by this script; otherwise the column says ``-`` and the script says why.
 * the REML log-likelihoods of all fits, to show the packages reach the same optimum (lme4's convention).
+* ``fit2_ms``: the median of ``--repeats`` ``jreml.fit(ex.formula, df)`` calls after the first one (formula
+  parsing and design construction included, compilation cached), and its ratio to ``lme4_ms``.
+* the wall time of ``python -m jreml fit --example sleepstudy`` in a fresh process: without JAX's persistent
+  compilation cache, with it on and empty (first-ever run) and with it filled by that run (``--no-cli`` skips).
 
 ``--blas-threads N`` sets the thread count of scipy's OpenBLAS, on which jaxlib runs its LAPACK/BLAS
 custom calls (Cholesky, triangular solves); see benchmarks/README.md for why that matters here.
@@ -90,7 +94,11 @@ for (i in seq_len(nrow(specs))) {
   for (f in strsplit(specs$factors[i], " ")[[1]]) d[[f]] <- factor(d[[f]])
   fml <- as.formula(specs$formula[i])
   fit <- lmer(fml, data = d, REML = TRUE)
-  times <- sapply(seq_len(reps), function(j) system.time(lmer(fml, data = d, REML = TRUE))[["elapsed"]])
+  times <- sapply(seq_len(reps), function(j) {
+    t0 <- Sys.time()
+    lmer(fml, data = d, REML = TRUE)
+    as.numeric(difftime(Sys.time(), t0, units = "secs"))
+  })
   cat(sprintf("RESULT %s %.9g %.15g\n", specs$name[i], median(times), as.numeric(logLik(fit))))
 }
 """
@@ -152,6 +160,44 @@ def time_jreml(ex, repeats: int):
             jax.block_until_ready(jreml.estimate(ex.model, ex.y, ex.X, max_iter=0).loglik)
             fixed.append(time.perf_counter() - start)
     return first, statistics.median(warm), statistics.median(fixed), fit
+
+
+def time_formula_fit(ex, repeats: int):
+    """Median seconds of ``jreml.fit(formula, df)`` calls after the first (parsing included, compilation cached)."""
+    formula = ex.formula
+    data = ex.data.copy()
+    for column in R_FACTORS[ex.name]:  # grouping columns as strings (the CSV round trip made some integers)
+        data[column] = data[column].astype(str)
+    jax.block_until_ready(jreml.fit(formula, data).loglik)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(jreml.fit(formula, data).loglik)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_cli(example: str, cache_dir: str | None):
+    """Wall seconds of ``python -m jreml fit --example EXAMPLE`` in a fresh process (None if it failed).
+
+    With ``cache_dir``, JAX's persistent compilation cache is switched on through its environment variables
+    (what ``jreml fit`` does with ``~/.cache/jreml/jax`` when it enables the cache itself).
+    """
+    import sys
+
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=cache_dir,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jreml", "fit", "--example", example], capture_output=True, text=True, env=env
+    )
+    elapsed = time.perf_counter() - start
+    return elapsed if proc.returncode == 0 else None
 
 
 def time_statsmodels(name: str, df: pd.DataFrame, repeats: int):
@@ -221,6 +267,7 @@ def main(argv=None) -> int:
         "--blas-threads", type=int, default=None, help="set OpenBLAS's thread count (default: leave it as is)"
     )
     parser.add_argument("--r-timeout", type=float, default=600.0, help="seconds allowed for the R run")
+    parser.add_argument("--no-cli", action="store_true", help="skip the fresh-process `jreml fit` timings")
     args = parser.parse_args(argv)
 
     wall0 = time.perf_counter()
@@ -249,17 +296,26 @@ def main(argv=None) -> int:
     rows = []
     for ex in examples:
         first, warm, fixed, fit = time_jreml(ex, args.repeats)
+        formula_fit = time_formula_fit(ex, args.repeats)
         sm = time_statsmodels(ex.name, plain_frame(ex.data), args.sm_repeats) if sm_version else None
-        rows.append((ex, first, warm, fixed, fit, sm))
+        rows.append((ex, first, warm, fixed, fit, sm, formula_fit))
 
     lme4, why_not = (None, "--no-r given") if args.no_r else run_lme4(examples, args.r_repeats, args.r_timeout)
+    cli = None
+    if not args.no_cli:
+        with tempfile.TemporaryDirectory() as cache:
+            cli = (
+                time_cli("sleepstudy", None),  # no persistent cache: compiles from scratch
+                time_cli("sleepstudy", cache),  # persistent cache on, empty: the first-ever run
+                time_cli("sleepstudy", cache),  # persistent cache on, filled by the run before
+            )
 
     print()
     print(
         f"{'example':<11} {'n':>4} {'k':>2} {'p':>2} {'iter':>4} {'jreml_first_s':>13} {'jreml_warm_ms':>13} "
         f"{'jreml_min_ms':>12} {'sm_ms':>8} {'sm/jreml':>8} {'lme4_ms':>8} {'lme4/jreml':>10}"
     )
-    for ex, first, warm, fixed, fit, sm in rows:
+    for ex, first, warm, fixed, fit, sm, _ in rows:
         sm_ms = f"{sm[0] * 1e3:8.1f}" if sm else f"{'-':>8}"
         sm_ratio = f"{sm[0] / warm:8.3g}" if sm else f"{'-':>8}"
         r = lme4.get(ex.name) if lme4 else None
@@ -274,17 +330,36 @@ def main(argv=None) -> int:
     print("REML log-likelihoods (lme4 convention) at each package's optimum:")
     diff = "|diff|"
     print(f"{'example':<11} {'jreml':>18} {'converged':>9} {'statsmodels':>18} {diff:>9} {'lme4':>18} {diff:>9}")
-    for ex, _, _, _, fit, sm in rows:
+    for ex, _, _, _, fit, sm, _ in rows:
         ll = float(fit.loglik)
         sm_ll = f"{sm[1]:18.8f} {abs(sm[1] - ll):9.1e}" if sm else f"{'-':>18} {'-':>9}"
         r = lme4.get(ex.name) if lme4 else None
         r_ll = f"{r[1]:18.8f} {abs(r[1] - ll):9.1e}" if r else f"{'-':>18} {'-':>9}"
         print(f"{ex.name:<11} {ll:18.8f} {str(bool(fit.converged)):>9} {sm_ll} {r_ll}")
     if sm_version:
-        bad = [ex.name for ex, *_, sm in rows if sm and not sm[2]]
+        bad = [ex.name for ex, *_, sm, _ in rows if sm and not sm[2]]
         print(f"statsmodels converged: {'all' if not bad else 'NOT ' + ', '.join(bad)}")
     if lme4 is None:
         print(f"lme4: skipped ({why_not})")
+
+    print()
+    print("Targets (speed acceptance): warm estimate <= 1 ms (dyestuff), <= 2 ms (sleepstudy); second")
+    print("jreml.fit(formula, df) <= 0.5 x lme4 lmer(); fresh-process `jreml fit --example sleepstudy` <= 4 s.")
+    print(
+        f"{'example':<11} {'warm_ms':>8} {'fit2_ms':>8} {'lme4_ms':>8} {'warm/lme4':>9} {'fit2/lme4':>9} {'sm_ms':>8}"
+    )
+    for ex, _, warm, _, _, sm, formula_fit in rows:
+        r = lme4.get(ex.name) if lme4 else None
+        r_ms = f"{r[0] * 1e3:8.1f}" if r else f"{'-':>8}"
+        ratios = f"{warm / r[0]:9.3f} {formula_fit / r[0]:9.3f}" if r else f"{'-':>9} {'-':>9}"
+        sm_ms = f"{sm[0] * 1e3:8.1f}" if sm else f"{'-':>8}"
+        print(f"{ex.name:<11} {warm * 1e3:8.2f} {formula_fit * 1e3:8.2f} {r_ms} {ratios} {sm_ms}")
+    if cli is not None:
+        fmt = lambda t: f"{t:.2f} s" if t is not None else "failed"  # noqa: E731
+        print(
+            f"`jreml fit --example sleepstudy`, fresh process: no persistent cache {fmt(cli[0])}; persistent cache "
+            f"cold (first-ever run) {fmt(cli[1])}; persistent cache warm {fmt(cli[2])}"
+        )
     print()
     print(
         "jreml_warm_ms: median of warm jreml.estimate calls; jreml_min_ms: the same call with max_iter=0 "

@@ -8,21 +8,24 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.errors import JaxRuntimeError
 from jaxtyping import Array, Float
 
-from ._config import as_float_array
+from ._config import as_float_array, float_dtype
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import CustomMatrix
+from ._implicit import implicit_theta
 from ._likelihood import DERIVATIVES, check_method, core, derivatives_at
 from ._result import FitResult
 from ._solvers.ai import AI
-from ._solvers.base import AbstractAlgorithm
+from ._solvers.base import AbstractAlgorithm, free_mask
 from ._solvers.em import EM
 from ._solvers.fisher import Fisher
 from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STATUS_MESSAGES, run
 from ._solvers.newton import Newton
 
 ALGORITHMS = {"ai": AI, "fisher": Fisher, "newton": Newton, "em": EM}
+_ALGORITHM_INSTANCES: dict = {}
 
 #: Lower bound of a variance, relative to the data's residual variance (θ is clipped there).
 BOUNDARY_RELATIVE_VARIANCE = 1e-14
@@ -38,7 +41,10 @@ def _as_algorithm(algorithm) -> AbstractAlgorithm:
         return algorithm
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
-    return ALGORITHMS[algorithm]()
+    instance = _ALGORITHM_INSTANCES.get(algorithm)
+    if instance is None:  # the step rules are stateless: one instance per name
+        instance = _ALGORITHM_INSTANCES[algorithm] = ALGORITHMS[algorithm]()
+    return instance
 
 
 def _is_traced(x) -> bool:
@@ -102,7 +108,9 @@ def _fit(
 ) -> FitResult:
     TRACE_COUNT[0] += 1
     dtype = y.dtype
-    scale = _ols_residual_variance(y, X)
+    # The loop runs on values only; derivatives of θ̂ come from the implicit function theorem below.
+    model_values, y_values, X_values = _stop_gradient((model, y, X))
+    scale = _ols_residual_variance(y_values, X_values)
     scale_mask = jnp.asarray(model.scale_mask, dtype=bool)
     if theta0 is None:
         theta0 = model.default_theta(scale)
@@ -114,10 +122,10 @@ def _fit(
     singular_threshold = model.default_theta(scale * SINGULAR_RELATIVE_VARIANCE)
     snap = jnp.where(scale_mask, singular_threshold, -jnp.inf)
     out = run(
-        model,
-        y,
-        X,
-        theta0.astype(dtype),
+        model_values,
+        y_values,
+        X_values,
+        jax.lax.stop_gradient(theta0).astype(dtype),
         lb.astype(dtype),
         ub.astype(dtype),
         snap.astype(dtype),
@@ -138,6 +146,9 @@ def _fit(
     theta = out.theta
     if throw:
         theta = eqx.error_if(theta, out.status == INVALID_START, STATUS_MESSAGES[INVALID_START])
+    at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
+    free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
+    theta = implicit_theta(theta, free, model, y, X, reml)
 
     c = core(theta, y, X, model, reml)
     final = derivatives_at(
@@ -148,7 +159,6 @@ def _fit(
     vcov_beta = chol_inv.T @ chol_inv
     information = jnp.where(c.ok, final.information, 0.0)
     vcov_theta = _pseudo_inverse(information)
-    at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
     params = model.build_params(theta)
     return FitResult(
         theta=theta,
@@ -176,6 +186,11 @@ def _fit(
     )
 
 
+def _stop_gradient(tree):
+    dynamic, static = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.lax.stop_gradient(dynamic), static)
+
+
 def _pseudo_inverse(information):
     """Inverse of the information; directions with (near-)zero information get zero variance, not inf/NaN."""
     if information.shape[0] == 0:
@@ -188,6 +203,106 @@ def _pseudo_inverse(information):
 
 
 _fit_jit = eqx.filter_jit(_fit)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fast path. ``eqx.filter_jit`` re-partitions every argument pytree on each call (≈ 0.3 ms per call for these
+# small models, more than a whole Dyestuff fit). Here the model is flattened once per call (a few µs), and one
+# ``jax.jit``-compiled function of the array leaves only is kept per (model structure, static leaves, options).
+# The semantics are those of ``_fit_jit``: array leaves (jax or numpy) are traced, everything else is static,
+# and a new shape recompiles (``jax.jit``'s own cache). Models whose static parts are not hashable use
+# ``_fit_jit``.
+# ---------------------------------------------------------------------------------------------------------------
+
+_CACHE_LIMIT = 128
+_JITTED: dict = {}  # (treedef, static leaves, option key) -> _Jitted
+_MODEL_INFO: dict = {}  # (treedef, static leaves, leaf shapes) -> (shape, num_free_params, em_plan)
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+class _Jitted:
+    """``jax.jit`` of ``_fit`` over the array leaves of (model, y, X, θ₀, lb, ub, tolerances, η)."""
+
+    def __init__(self, treedef, static, options):
+        self.treedef = treedef
+        self.static = static  # ((position, leaf), ...) of the model's non-array leaves
+        self.options = options
+        self.n_leaves = treedef.num_leaves
+        self.out = None  # (treedef, ((position, leaf), ...), number of leaves) of the result, set while tracing
+        self.fn = jax.jit(self._traced)
+
+    def _merge(self, dynamic, static, n):
+        leaves = [None] * n
+        for position, leaf in static:
+            leaves[position] = leaf
+        it = iter(dynamic)
+        for i in range(n):
+            if leaves[i] is None:
+                leaves[i] = next(it)
+        return leaves
+
+    def _traced(self, dynamic, y, X, theta0, lb, ub, tolerances, eta):
+        model = self.treedef.unflatten(self._merge(dynamic, self.static, self.n_leaves))
+        result = _fit(model, y, X, theta0, lb, ub, tolerances, eta, **dict(self.options))
+        leaves, treedef = jax.tree_util.tree_flatten(result)
+        arrays, static = [], []
+        for i, leaf in enumerate(leaves):
+            if eqx.is_array(leaf):
+                arrays.append(leaf)
+            else:
+                static.append((i, leaf))
+        self.out = (treedef, tuple(static), len(leaves))
+        return arrays
+
+    def __call__(self, dynamic, *args):
+        arrays = self.fn(dynamic, *args)
+        treedef, static, n = self.out
+        return treedef.unflatten(self._merge(arrays, static, n))
+
+
+def _split_model(model):
+    """(treedef, static leaves, array leaves, structure key) of a model; None if the static part is unhashable."""
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    dynamic, static, shapes = [], [], []
+    for i, leaf in enumerate(leaves):
+        if eqx.is_array(leaf):
+            dynamic.append(leaf)
+            shapes.append((np.shape(leaf), leaf.dtype))
+        else:
+            static.append((i, leaf))
+    static = tuple(static)
+    try:
+        hash((treedef, static))
+    except TypeError:
+        return None
+    return treedef, static, dynamic, tuple(shapes)
+
+
+def _model_info(model, split):
+    """(shape, num_free_params, em_plan) of the model, cached per structure and leaf shapes."""
+    if split is None:
+        return model.shape, model.num_free_params, model.em_plan()
+    treedef, static, _, shapes = split
+    key = (treedef, static, shapes)
+    info = _MODEL_INFO.get(key)
+    if info is None:
+        info = _remember(_MODEL_INFO, key, (tuple(model.shape), model.num_free_params, model.em_plan()))
+    return info
+
+
+def _as_input(x, name: str):
+    """Like ``as_float_array`` without a copy or dispatch where ``x`` already has jreml's float dtype."""
+    dtype = float_dtype()
+    if isinstance(x, jax.Array):  # includes tracers
+        return x if x.dtype == dtype else as_float_array(x, name)
+    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
+        return x if x.dtype == dtype else x.astype(dtype)
+    return as_float_array(x, name)
 
 
 def estimate(
@@ -242,21 +357,24 @@ def estimate(
     algo = _as_algorithm(algorithm)
     if derivatives not in DERIVATIVES:
         raise ValueError(f"derivatives must be one of {DERIVATIVES}, got {derivatives!r}")
-    y = as_float_array(y, "y")
+    y = _as_input(y, "y")
     if X is None:
-        X = jnp.ones((y.shape[0], 1), y.dtype)
-    X = as_float_array(X, "X")
+        X = np.ones((y.shape[0], 1), y.dtype)
+    X = _as_input(X, "X")
     if not isinstance(v_builder, AbstractCovariance):
         if theta0 is None:
             raise ValueError("a plain function v_builder needs theta0 (its number of parameters is unknown)")
         v_builder = CustomMatrix(v_builder, int(np.shape(theta0)[0]), shape=(y.shape[0], y.shape[0]))
     model = v_builder
-    if model.shape[0] != model.shape[1]:
-        raise ValueError(f"the covariance model must be square, got shape {model.shape}")
-    _check_data(y, X, model.shape[0])
-    k = model.num_free_params
+    split = _split_model(model)
+    model_leaves = split[2] if split is not None else jax.tree_util.tree_leaves(model)
+    traced = any(_is_traced(a) for a in (y, X, theta0, lb, ub, eta, *model_leaves))
+    shape, k, em_plan = _model_info(model, split)
+    if shape[0] != shape[1]:
+        raise ValueError(f"the covariance model must be square, got shape {shape}")
+    _check_data(y, X, shape[0])
     if theta0 is not None:
-        theta0 = as_float_array(theta0, "theta0")
+        theta0 = _as_input(theta0, "theta0")
         if theta0.shape != (k,):
             raise ValueError(f"theta0 must have shape ({k},) for this model, got {theta0.shape}")
     bounds = []
@@ -264,7 +382,6 @@ def estimate(
         if b is not None:
             b = jnp.broadcast_to(as_float_array(b, name), (k,))
         bounds.append(b)
-    em_plan = model.em_plan()
     if algo.name == "em" and em_plan is None:
         raise ValueError(
             'algorithm="em" needs a variance-component model V = sum of variance * known matrix '
@@ -274,29 +391,49 @@ def estimate(
         em_plan = None
     if max_iter < 0 or max_halvings < 1 or min_iter < 0:
         raise ValueError("max_iter and min_iter must be >= 0 and max_halvings >= 1")
-    result = _fit_jit(
-        model,
-        y,
-        X,
-        theta0,
-        bounds[0],
-        bounds[1],
-        jnp.asarray([tol_score, tol_delta, tol_loglik], y.dtype),
-        jnp.asarray(eta, y.dtype),
-        reml=reml,
-        algorithm=algo,
-        derivatives=derivatives,
-        dv_builder=dv_builder,
-        max_iter=int(max_iter),
-        max_halvings=int(max_halvings),
-        checks=(bool(check_score), bool(check_delta), bool(check_loglik)),
-        min_iter=int(min_iter),
-        em_plan=em_plan,
-        verbose=int(verbose),
-        throw=bool(throw),
+    options = (
+        ("reml", reml),
+        ("algorithm", algo),
+        ("derivatives", derivatives),
+        ("dv_builder", dv_builder),
+        ("max_iter", int(max_iter)),
+        ("max_halvings", int(max_halvings)),
+        ("checks", (bool(check_score), bool(check_delta), bool(check_loglik))),
+        ("min_iter", int(min_iter)),
+        ("em_plan", em_plan),
+        ("verbose", int(verbose)),
+        # Concrete calls check an invalid start here, after the call: a program with eqx.error_if's host
+        # callback cannot be stored in JAX's persistent compilation cache. Under a transform (vmap, grad)
+        # the check stays inside the program.
+        ("throw", bool(throw) and traced),
     )
-    if verbose == 1 and not _is_traced(result.loglik):
+    dtype = y.dtype
+    tolerances = np.asarray([tol_score, tol_delta, tol_loglik], dtype)
+    eta = np.asarray(eta, dtype)
+    jitted = None
+    if split is not None:
+        treedef, static, dynamic, _ = split
+        key = (treedef, static, options, theta0 is None, bounds[0] is None, bounds[1] is None)
+        try:
+            jitted = _JITTED.get(key)
+            if jitted is None:
+                jitted = _remember(_JITTED, key, _Jitted(treedef, static, options))
+        except TypeError:  # an unhashable option (e.g. a dv_builder that is not hashable)
+            jitted = None
+    try:
+        if jitted is not None:
+            result = jitted(dynamic, y, X, theta0, bounds[0], bounds[1], tolerances, eta)
+        else:
+            result = _fit_jit(model, y, X, theta0, bounds[0], bounds[1], tolerances, eta, **dict(options))
+        status = None if _is_traced(result.status) else int(result.status)
+    except JaxRuntimeError as err:
+        if jitted is not None and STATUS_MESSAGES[INVALID_START] in str(err):
+            raise RuntimeError(f"jreml.estimate: {STATUS_MESSAGES[INVALID_START]}") from None
+        raise
+    if throw and status == INVALID_START:
+        raise RuntimeError(f"jreml.estimate: {STATUS_MESSAGES[INVALID_START]}")
+    if verbose == 1 and status is not None:
         print()
-    if not _is_traced(result.status) and int(result.status) == MAX_ITER:
+    if status == MAX_ITER:
         warnings.warn(f"jreml.estimate: {STATUS_MESSAGES[MAX_ITER]} ({max_iter})", stacklevel=2)
     return result

@@ -7,6 +7,7 @@ formulaic to expand (so ``x``, ``1 + x``, ``0 + x``, ``x - 1``, factors and tran
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -115,6 +116,11 @@ def parse_formula(formula: str) -> ParsedFormula:
     """Split ``"y ~ fixed + (expr | g) + ..."`` into response, fixed part (``"1"`` if empty) and random terms."""
     if not isinstance(formula, str):
         raise TypeError(f"formula must be a string, got {type(formula).__name__}")
+    return _parse(formula)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(formula: str) -> ParsedFormula:
     text = " ".join(formula.split())
     sides = _split_top(text, "~", formula)
     if len(sides) != 2 or not sides[0].strip() or not sides[1].strip():
