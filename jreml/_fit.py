@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pandas as pd
-from formulaic import model_matrix
 
 from ._covariance.compose import DummyMatrix
 from ._design.build import Design, _column_name, _unique_names, build_design
@@ -48,6 +47,8 @@ def fit(
 
 
 def _spec(text: str, data: pd.DataFrame):
+    from formulaic import model_matrix  # imported on first use: it costs ~0.45 s at `import jreml`
+
     mm = model_matrix(text, data, na_action="raise", ensure_full_rank=True)
     return mm.model_spec, tuple(_column_name(str(c)) for c in mm.columns)
 
@@ -59,11 +60,15 @@ def formula_info(design: Design) -> FormulaInfo:
     that the names agree with the terms of the built model.
     """
     data = design.data
-    fixed_spec, names = _spec(design.formula.fixed, data)
+    # build_design already materialised these specs; rebuild only for a Design made without them.
+    if design.fixed_spec is not None:
+        fixed_spec, names = design.fixed_spec, design.fixed_names
+    else:
+        fixed_spec, names = _spec(design.formula.fixed, data)
     kept = tuple(names.index(n) for n in design.beta_names)
     expanded = []
-    for spec in design.formula.random:
-        expr_spec, labels = _spec(spec.expr, data)
+    for i, spec in enumerate(design.formula.random):
+        expr_spec, labels = design.random_specs[i] if design.random_specs else _spec(spec.expr, data)
         if spec.correlated:
             expanded.append((spec, expr_spec, labels, None))
         else:
