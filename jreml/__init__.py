@@ -28,5 +28,11 @@ from ._likelihood import observed_information as observed_information
 from ._likelihood import reml_loglik as reml_loglik
 from ._likelihood import score as score
 from ._result import FitResult as FitResult
+from ._batch import BatchFit as BatchFit
+from ._batch import fit_batch as fit_batch
+from ._bootstrap import BootstrapResult as BootstrapResult
+from ._bootstrap import bootstrap as bootstrap
+from ._spectral import SpectralFit as SpectralFit
+from ._spectral import fit_spectral as fit_spectral
 
 __version__ = "0.1.0"

@@ -231,6 +231,13 @@ class FitResult(eqx.Module):
             out[term.name] = (u, jnp.sqrt(jnp.maximum(cond_var, 0.0)))
         return out
 
+    def bootstrap(self, n_boot: int, seed: int = 0, **options):
+        """Parametric bootstrap: ``n_boot`` responses simulated from the fit, refitted in one vmapped program
+        (see :func:`jreml.bootstrap`)."""
+        from ._bootstrap import bootstrap  # _bootstrap imports _estimate, which imports this module
+
+        return bootstrap(self, n_boot, seed, **options)
+
     def marginal_predict(self, X=None):
         """Xβ̂ (fixed effects only); ``X`` defaults to the fitted design."""
         return (self.X if X is None else jnp.asarray(X)) @ self.beta

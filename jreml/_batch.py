@@ -1,0 +1,294 @@
+"""``fit_batch``: one right-hand side fitted to many responses (thousands of traits) at once."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import numpy as np
+import pandas as pd
+
+from ._design.build import build_design
+from ._estimate import estimate
+from ._sharding import pad_batch, padded_size, shard_batch
+from ._solvers.loop import INVALID_START
+from ._spectral import decompose, fit_rotated, rotate, spectral_form
+
+__all__ = ["BatchFit", "fit_batch"]
+
+#: Options the spectral path understands; any other ``estimate`` option sends the batch to the dense path.
+SPECTRAL_OPTIONS = {"max_iter", "max_halvings", "min_iter", "tol_score", "tol_delta", "tol_loglik"}
+_ROW = "__jreml_row__"
+
+
+@dataclass
+class BatchFit:
+    """Per-response results of :func:`fit_batch`, arrays with a leading response axis (T, ...).
+
+    A response that could not be fitted (too few complete rows, ...) has NaN estimates, ``converged=False``
+    and its error in ``errors``.
+    """
+
+    responses: list[str]
+    param_names: tuple[str, ...]
+    beta_names: tuple[str, ...]
+    theta: np.ndarray
+    params: np.ndarray
+    beta: np.ndarray
+    se_beta: np.ndarray
+    loglik: np.ndarray
+    converged: np.ndarray
+    n_iter: np.ndarray
+    status: np.ndarray
+    singular: np.ndarray
+    n_obs: np.ndarray
+    h2: np.ndarray | None
+    h2_se: np.ndarray | None
+    spectral: np.ndarray
+    method: str
+    errors: dict
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per response: response, n_obs, loglik, converged, n_iter, singular, variance components
+        (the model's parameter names), fixed effects (by name) and, with one known relationship matrix, h2 and
+        h2_se."""
+        cols: dict = {
+            "response": list(self.responses),
+            "n_obs": self.n_obs,
+            "loglik": self.loglik,
+            "converged": self.converged,
+            "n_iter": self.n_iter,
+            "singular": self.singular,
+        }
+        for j, name in enumerate(self.param_names):
+            cols[name] = self.params[:, j]
+        for j, name in enumerate(self.beta_names):
+            cols[name] = self.beta[:, j]
+        if self.h2 is not None:
+            cols["h2"] = self.h2
+            cols["h2_se"] = self.h2_se
+        return pd.DataFrame(cols)
+
+
+def _kernel_term_index(model) -> tuple[int, tuple[float, ...]] | None:
+    """θ index of the single known-relationship-matrix variance and all variance powers, for h².
+
+    Needs a variance-component model (``em_plan()``) with exactly one term built on a ``FixedMatrix``.
+    """
+    from ._covariance.basic import FixedMatrix
+    from ._covariance.compose import CovariancePropagation, Sum
+
+    plan = model.em_plan()
+    if plan is None or not isinstance(model, Sum):
+        return None
+    hits, offset = [], 0
+    for term in model.terms:
+        inner = term.G if isinstance(term, CovariancePropagation) else term
+        if isinstance(inner, FixedMatrix):
+            hits.append(offset + term.num_free_params - 1)
+        offset += term.num_free_params
+    if len(hits) != 1:
+        return None
+    return hits[0], tuple(float(power) for _, power in plan)
+
+
+def _h2(theta, params, vcov_theta, index: int, powers):
+    """h² = σ²_K / Σσ² and its delta-method SE from the inverse information of θ (σ²_i = exp(p_i θ_i))."""
+    powers = np.asarray(powers)
+    total = params.sum(axis=1)
+    onehot = np.zeros(params.shape[1])
+    onehot[index] = 1.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h2 = params[:, index] / total
+        grad = powers[None, :] * params * (onehot[None, :] - h2[:, None]) / total[:, None]
+    var = np.einsum("ti,tij,tj->t", grad, vcov_theta, grad)
+    return h2, np.sqrt(np.maximum(var, 0.0))
+
+
+def _as_matrix(data: pd.DataFrame, responses) -> tuple[np.ndarray, list[str]]:
+    if isinstance(responses, str):
+        responses = [responses]
+    if isinstance(responses, list | tuple | pd.Index) and all(isinstance(r, str) for r in responses):
+        missing = [r for r in responses if r not in data.columns]
+        if missing:
+            raise KeyError(f"responses {missing[:10]} are not columns of the data")
+        return data[list(responses)].to_numpy(dtype=float), [str(r) for r in responses]
+    Y = np.asarray(responses, dtype=float)
+    if Y.ndim == 1:
+        Y = Y[:, None]
+    if Y.ndim != 2 or Y.shape[0] != len(data):
+        raise ValueError(f"responses must be column names or an (n, T) array with n = {len(data)} rows, got {Y.shape}")
+    return Y, [f"y{j}" for j in range(Y.shape[1])]
+
+
+def _rhs(formula: str) -> str:
+    return formula.split("~", 1)[1].strip() if "~" in formula else formula.strip()
+
+
+def _chunks(total: int, chunk_size: int):
+    return [(s, min(s + chunk_size, total)) for s in range(0, total, chunk_size)]
+
+
+def _progress(done: int, total: int, width: int = 30):
+    filled = int(width * done / max(total, 1))
+    sys.stdout.write(f"\rfit_batch [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks")
+    if done == total:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+@eqx.filter_jit
+def _dense_batch(model, Yc, X, reml_method, options):
+    return jax.vmap(lambda y: estimate(model, y, X, method=reml_method, throw=False, **dict(options)))(Yc)
+
+
+def fit_batch(
+    formula: str,
+    data: pd.DataFrame,
+    responses,
+    *,
+    method: str = "reml",
+    relmat: dict | None = None,
+    chunk_size: int = 512,
+    spectral: bool | None = None,
+    verbose: int = 0,
+    **fit_kwargs,
+) -> BatchFit:
+    """Fit the right-hand side of ``formula`` to many responses; one compiled, vmapped program per shape.
+
+    Args:
+        formula: ``"y ~ x + (1 | g)"`` (the left-hand side is ignored) or just the right-hand side.
+        data: a DataFrame with the covariates (and the responses, when given by name).
+        responses: a list of column names, or an (n, T) array aligned with ``data``'s rows.
+        relmat: as in :func:`jreml.fit` (``{"g": K}`` for ``(1 | g)``).
+        chunk_size: responses per compiled call (memory stays bounded); chunks are padded to one shape.
+        spectral: ``None`` (default) uses the spectral fast path when the model is σ²_k·K + σ²_e·I and every
+            option is one it understands; ``False`` forces the dense vmapped ``estimate``.
+        verbose: 1 prints a progress bar over chunks.
+        fit_kwargs: options for :func:`jreml.estimate` (``max_iter``, ``tol_score``, ...).
+
+    Responses with missing values are grouped by missingness pattern; each group is fitted on its own complete
+    rows (``n_obs`` says how many). The batch axis is spread over all ``jax.devices()``.
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be >= 1")
+    Y, names = _as_matrix(data, responses)
+    T = Y.shape[1]
+    rhs = _rhs(formula)
+    if _ROW in data.columns:
+        raise ValueError(f"the data may not have a column named {_ROW!r}")
+    ok = np.isfinite(Y)
+    patterns: dict[bytes, list[int]] = {}
+    for j in range(T):
+        patterns.setdefault(np.packbits(ok[:, j]).tobytes(), []).append(j)
+
+    groups = []
+    for cols in patterns.values():
+        row_index = np.where(ok[:, cols[0]], np.arange(len(data), dtype=float), np.nan)
+        try:
+            design = build_design(f"{_ROW} ~ {rhs}", data.assign(**{_ROW: row_index}), relmat)
+        except Exception as err:  # e.g. a pattern leaving too few rows or levels: these responses fail alone
+            groups.append((cols, None, err))
+            continue
+        groups.append((cols, design, None))
+    designs = [g[1] for g in groups if g[1] is not None]
+    if not designs:
+        raise ValueError(f"no response could be set up: {groups[0][2]}")
+    first = designs[0]
+    k, p = first.model.num_free_params, first.X.shape[1]
+    out = {
+        "theta": np.full((T, k), np.nan),
+        "params": np.full((T, k), np.nan),
+        "vcov_theta": np.full((T, k, k), np.nan),
+        "beta": np.full((T, p), np.nan),
+        "se_beta": np.full((T, p), np.nan),
+        "loglik": np.full(T, np.nan),
+        "converged": np.zeros(T, bool),
+        "n_iter": np.zeros(T, int),
+        "status": np.full(T, INVALID_START),
+        "singular": np.zeros(T, bool),
+        "n_obs": np.zeros(T, int),
+        "spectral": np.zeros(T, bool),
+    }
+    errors = {}
+    h2_info = _kernel_term_index(first.model)
+    plan = []
+    for cols, design, err in groups:
+        if design is None:
+            for j in cols:
+                errors[names[j]] = str(err)
+            continue
+        if design.model.param_names != first.model.param_names or design.beta_names != first.beta_names:
+            for j in cols:
+                errors[names[j]] = "its complete rows give a different model (parameters or fixed effects)"
+            continue
+        rows = design.y.astype(int)
+        size = min(chunk_size, len(cols))
+        plan.append((cols, design, rows, _chunks(len(cols), size), size))
+    total_chunks = sum(len(c) for *_, c, _ in plan)
+    done = 0
+    for cols, design, rows, chunks, size in plan:
+        Yg = Y[np.ix_(rows, cols)].T  # (T_g, n_g)
+        use_spectral = spectral
+        form = spectral_form(design.model)
+        if use_spectral is None:
+            use_spectral = form is not None and set(fit_kwargs) <= SPECTRAL_OPTIONS
+        if use_spectral and form is None:
+            raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
+        if use_spectral:
+            sdesign = decompose(design.model, design.X)
+        padded = padded_size(size)
+        for start, stop in chunks:
+            block = pad_batch(Yg[start:stop], padded)
+            if use_spectral:
+                res = fit_rotated(sdesign, rotate(sdesign, block), method=method, place=shard_batch, **fit_kwargs)
+            else:
+                options = tuple(sorted(fit_kwargs.items()))
+                res = _dense_batch(design.model, shard_batch(block), design.X, method, options)
+            idx = np.asarray(cols[start:stop])
+            m = stop - start
+            out["theta"][idx] = np.asarray(res.theta)[:m]
+            out["params"][idx] = np.asarray(res.natural_params)[:m]
+            out["vcov_theta"][idx] = np.asarray(res.vcov_theta)[:m]
+            out["beta"][idx] = np.asarray(res.beta)[:m]
+            out["se_beta"][idx] = np.asarray(res.se_beta)[:m]
+            out["loglik"][idx] = np.asarray(res.loglik)[:m]
+            out["converged"][idx] = np.asarray(res.converged)[:m]
+            out["n_iter"][idx] = np.asarray(res.n_iter)[:m]
+            out["status"][idx] = np.asarray(res.status)[:m]
+            out["singular"][idx] = np.asarray(res.singular)[:m]
+            out["n_obs"][idx] = len(rows)
+            out["spectral"][idx] = bool(use_spectral)
+            done += 1
+            if verbose:
+                _progress(done, total_chunks)
+    h2 = h2_se = None
+    if h2_info is not None:
+        h2, h2_se = _h2(out["theta"], out["params"], out["vcov_theta"], *h2_info)
+    return BatchFit(
+        responses=names,
+        param_names=first.model.param_names,
+        beta_names=first.beta_names,
+        theta=out["theta"],
+        params=out["params"],
+        beta=out["beta"],
+        se_beta=out["se_beta"],
+        loglik=out["loglik"],
+        converged=out["converged"],
+        n_iter=out["n_iter"],
+        status=out["status"],
+        singular=out["singular"],
+        n_obs=out["n_obs"],
+        h2=h2,
+        h2_se=h2_se,
+        spectral=out["spectral"],
+        method=method,
+        errors=errors,
+    )

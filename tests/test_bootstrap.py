@@ -1,0 +1,30 @@
+"""Parametric bootstrap: the vmapped refits equal a slow loop of separate estimate fits."""
+
+import numpy as np
+
+import jreml
+from jreml._bootstrap import bootstrap, simulate
+
+
+def test_sleepstudy_bootstrap_matches_loop():
+    ex = jreml.example("sleepstudy")
+    fit = jreml.estimate(ex.model, ex.y, ex.X)
+    boot = bootstrap(fit, 20, seed=3)
+    assert len(boot) == 20
+    frame = boot.to_frame()
+    assert list(frame.columns) == [*fit.param_names, "beta0", "beta1", "loglik", "converged"]
+    Ystar = np.asarray(simulate(fit, 20, seed=3))
+    assert Ystar.shape == (20, len(ex.y))
+    loop = [jreml.estimate(ex.model, y, ex.X, fit.theta, throw=False) for y in Ystar]
+    np.testing.assert_allclose(boot.loglik, [float(f.loglik) for f in loop], rtol=0, atol=1e-8)
+    np.testing.assert_allclose(boot.params, np.stack([f.natural_params for f in loop]), rtol=1e-7, atol=1e-9)
+    np.testing.assert_array_equal(boot.converged, [bool(f.converged) for f in loop])
+    ci = boot.ci(0.9)
+    values = np.column_stack([np.stack([f.natural_params for f in loop]), np.stack([f.beta for f in loop])])
+    values = values[np.array([bool(f.converged) for f in loop])]
+    np.testing.assert_allclose(ci.iloc[:, 1], np.quantile(values, 0.05, axis=0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(ci.iloc[:, 2], np.quantile(values, 0.95, axis=0), rtol=1e-6, atol=1e-9)
+    assert (ci.iloc[:, 1] <= ci.iloc[:, 2]).all()
+    np.testing.assert_allclose(ci.estimate.to_numpy()[-2:], np.asarray(fit.beta))
+    # replicates of a correctly specified model scatter around the estimate
+    assert abs(frame.beta1.mean() - float(fit.beta[1])) < 3 * float(fit.se_beta[1])

@@ -1,0 +1,85 @@
+"""Spectral fast path (V = s2g*K + s2e*I) against the dense estimate and the exact reference values."""
+
+import numpy as np
+import pytest
+
+import jreml
+from jreml._spectral import decompose, fit_spectral, spectral_form
+
+TRAITS = [f"trait{i}" for i in range(1, 9)]
+TIGHT = dict(tol_score=1e-10, tol_delta=1e-10, tol_loglik=1e-12)
+
+
+@pytest.fixture(scope="module")
+def kinship():
+    ex = jreml.example("kinship")
+    Y = ex.data[TRAITS].to_numpy(float).T
+    return ex, Y, fit_spectral(ex.model, Y, ex.X)
+
+
+def test_spectral_form_detection():
+    ex = jreml.example("kinship")
+    form = spectral_form(ex.model)
+    assert form is not None and form.kernel_index == 0 and form.residual_index == 1
+    np.testing.assert_allclose(form.kernel, jreml.datasets.kinship_matrix())
+    assert spectral_form(jreml.example("dyestuff").model) is not None  # iid intercept: kernel Z Z'
+    assert spectral_form(jreml.example("sleepstudy").model) is None
+    assert spectral_form(jreml.example("penicillin").model) is None
+
+
+def test_matches_reference(kinship, reference):
+    ex, Y, fit = kinship
+    ref = reference("kinship_visible")["traits"]
+    assert bool(np.all(fit.converged))
+    for i, trait in enumerate(TRAITS):
+        r = ref[trait]
+        s2g, s2e = np.asarray(fit.natural_params[i])
+        np.testing.assert_allclose([s2g, s2e, float(fit.h2[i])], [r["s2g"], r["s2e"], r["h2"]], rtol=1e-5)
+        np.testing.assert_allclose(float(fit.loglik[i]), r["reml_loglik"], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(fit.beta[i]), list(r["beta"].values()), rtol=1e-5)
+
+
+def test_matches_dense_estimate(kinship):
+    ex, Y, fit = kinship
+    for i in range(len(TRAITS)):
+        dense = jreml.estimate(ex.model, Y[i], ex.X, **TIGHT)
+        np.testing.assert_allclose(float(fit.loglik[i]), float(dense.loglik), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(fit.natural_params[i], dense.natural_params, rtol=1e-8)
+        np.testing.assert_allclose(fit.theta[i], dense.theta, rtol=0, atol=1e-8)
+        np.testing.assert_allclose(fit.beta[i], dense.beta, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(fit.se_beta[i], dense.se_beta, rtol=1e-8)
+        np.testing.assert_allclose(fit.vcov_theta[i], dense.vcov_theta, rtol=1e-7, atol=1e-9)
+        # h2 SE: delta method on the inverse AI of the dense fit
+        s2g, s2e = np.asarray(dense.natural_params)
+        h2 = s2g / (s2g + s2e)
+        grad = np.array([h2 * (1 - h2), -h2 * (1 - h2)])  # d h2 / d log-variances
+        se = np.sqrt(grad @ np.asarray(dense.vcov_theta) @ grad)
+        np.testing.assert_allclose(float(fit.h2_se[i]), se, rtol=1e-7)
+
+
+def test_single_response_and_ml(kinship):
+    ex, Y, _ = kinship
+    one = fit_spectral(ex.model, Y[2], ex.X)
+    assert one.loglik.shape == ()
+    ml = fit_spectral(ex.model, Y[2], ex.X, method="ml")
+    dense = jreml.estimate(ex.model, Y[2], ex.X, method="ml", **TIGHT)
+    np.testing.assert_allclose(float(ml.loglik), float(dense.loglik), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(ml.natural_params, dense.natural_params, rtol=1e-7)
+
+
+def test_boundary_and_iid_kernel():
+    ex = jreml.example("kinship")
+    rng = np.random.default_rng(1)
+    y = ex.X @ np.array([1.0, 0.5]) + rng.normal(size=len(ex.y))  # no genetic variance at all
+    fit = fit_spectral(ex.model, y, ex.X, design=decompose(ex.model, ex.X))
+    dense = jreml.estimate(ex.model, y, ex.X, **TIGHT)
+    assert bool(fit.converged)
+    np.testing.assert_allclose(float(fit.loglik), float(dense.loglik), rtol=0, atol=1e-7)
+    if bool(dense.singular):
+        assert bool(fit.singular) and float(fit.h2) < 1e-6
+    # dyestuff: random intercept = kernel Z Z'
+    dy = jreml.example("dyestuff")
+    fit = fit_spectral(dy.model, dy.y, dy.X)
+    dense = jreml.estimate(dy.model, dy.y, dy.X, **TIGHT)
+    np.testing.assert_allclose(float(fit.loglik), float(dense.loglik), rtol=0, atol=1e-8)
+    np.testing.assert_allclose(fit.natural_params, dense.natural_params, rtol=1e-7)
