@@ -17,6 +17,8 @@ from ._examples import Example as Example
 from ._examples import example as example
 from ._facade import REML as REML
 from ._fit import fit as fit
+from ._hybrid import HybridInfo as HybridInfo
+from ._hybrid import hybrid_estimate as hybrid_estimate
 from ._optax_fit import fit_optax as fit_optax
 from ._profiled import ProfiledObjective as ProfiledObjective
 from ._profiled import profiled_ml as profiled_ml
