@@ -20,12 +20,11 @@ inputs), and gradients through the result (implicit differentiation of θ̂) are
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jaxtyping import Array, Float, Int
 
 from ._config import as_float_array
@@ -36,6 +35,9 @@ from ._likelihood import check_method
 from ._optax_fit import _minimize_jit, default_optimizer
 from ._profiled import _profiled
 from ._result import FitResult
+
+if TYPE_CHECKING:  # optax is imported where it is used: it adds to `import jreml`
+    import optax
 
 
 class HybridInfo(NamedTuple):
@@ -68,7 +70,7 @@ def hybrid_estimate(
     *,
     method: str = "reml",
     optax_steps: int = 30,
-    optimizer: "optax.GradientTransformation | None" = None,
+    optimizer: optax.GradientTransformation | None = None,
     optax_tol: float = 1e-8,
     full_output: bool = False,
     **estimate_kwargs,
