@@ -100,3 +100,15 @@ def test_a_variance_at_its_boundary_has_zero_sensitivity():
     jac = jax.jacrev(lambda yy: jreml.estimate(model, yy, X).theta)(y)
     assert bool(jnp.all(jnp.isfinite(jac)))
     assert float(jnp.max(jnp.abs(jac[0]))) == 0.0
+
+
+@pytest.mark.parametrize("name", ["machines", "sleepstudy"])
+@pytest.mark.parametrize("reml", [True, False])
+def test_closed_form_observed_information_matches_autodiff(name, reml):
+    from jreml._implicit import observed_information_at
+
+    ex = jreml.example(name)
+    theta = ex.model.default_theta(jnp.asarray(float(np.var(ex.y)))) + 0.3
+    got = observed_information_at(theta, ex.model, jnp.asarray(ex.y), jnp.asarray(ex.X), reml)
+    expected = jreml.observed_information(theta, ex.y, ex.X, ex.model, method="reml" if reml else "ml")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-9, atol=1e-9 * float(jnp.max(expected)))
