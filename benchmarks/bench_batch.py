@@ -135,7 +135,7 @@ def bench_dense(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--traits", type=int, default=10_000)
-    parser.add_argument("--chunk-size", type=int, default=512)
+    parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--n-loop", type=int, default=100)
     parser.add_argument("--n-statsmodels", type=int, default=100)
     parser.add_argument("--dense", action="store_true", help="also run (b), the dense two-kernel batch")

@@ -154,7 +154,7 @@ def fit_batch(
     *,
     method: str = "reml",
     relmat: dict | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     spectral: bool | None = None,
     verbose: int = 0,
     **fit_kwargs,

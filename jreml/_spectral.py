@@ -5,9 +5,14 @@ d = σ²_k·λ + σ²_e, so each log-likelihood evaluation costs O(n·p²) inste
 
     ℓ_REML = −½[Σ log d + log|X̃ᵀD⁻¹X̃| + (n−p)·log 2π + r̃ᵀD⁻¹r̃]   (lme4's convention, as ``estimate``)
 
-The fit is an AI-REML iteration on θ (the model's own unconstrained parameters: σ² = exp(power·θ)) inside one
-``lax.while_loop`` with step-halving, an active set at the lower bounds and the same start, bounds and singular
-threshold as :func:`jreml.estimate`; it is written for one response and ``jax.vmap``-ed over responses.
+σ²_e is profiled out (σ²_e = Q/(n−p), FaST-LMM/GEMMA style) and the fit is a Newton iteration on the single
+τ = log(σ²_k/σ²_e) inside one ``lax.while_loop``: exact first and second derivatives of the 1-D profiled
+log-likelihood, step-halving, a start at the best point of a fixed grid of τ, and the bounds / singular threshold of
+:func:`jreml.estimate` (a step towards σ²_k → 0 that Newton on δ puts past the threshold goes straight to the
+bound). Each step costs three weighted n-sums. At the optimum the variances, β, the log-likelihood, the full
+two-parameter average information (for ``vcov_theta``) and the h² delta-method SE are computed as before. It is
+written for one response and ``jax.vmap``-ed over responses; every response converges in a few iterations, so a
+vmapped chunk is not held up by a slow one.
 
 Kernels recognised (one of them plus a ``ScalarMatrix`` residual, in either order): ``FixedMatrix(K)``,
 ``ScalarMatrix`` (a second iid term), and ``CovariancePropagation(Z, G)`` with a parameter-free Z (a
@@ -33,7 +38,7 @@ from ._covariance.compose import CovariancePropagation, Sum
 from ._covariance.transforms import Exp
 from ._estimate import BOUNDARY_RELATIVE_VARIANCE, SINGULAR_RELATIVE_VARIANCE, _pseudo_inverse
 from ._likelihood import check_method
-from ._solvers.loop import CONVERGED, MAX_ITER, MAX_LOG_STEP, RUNNING, STALLED
+from ._solvers.loop import CONVERGED, MAX_ITER, RUNNING, STALLED
 
 __all__ = ["SpectralForm", "SpectralFit", "spectral_form", "decompose", "fit_spectral", "fit_rotated"]
 
@@ -248,106 +253,206 @@ def _score_and_ai(theta, yt, Xt, lam, opts: _Options, ev: _Eval):
     return jnp.where(ok, score, 0.0), jnp.where(ok, ai, 0.0)
 
 
-def _direction(score, ai, free):
-    k = score.shape[0]
-    both = free[:, None] & free[None, :]
-    eye = jnp.eye(k, dtype=score.dtype)
-    a = jnp.where(both, ai, eye)
-    s = jnp.where(free, score, 0.0)
-    scale = jnp.sqrt(jnp.maximum(jnp.diagonal(a), jnp.finfo(a.dtype).tiny))
-    a_scaled = a / scale[:, None] / scale[None, :]
-    g = s / scale
-    if k == 2:  # closed form (unit diagonal): eigenvalues 1 ± r, floored as in the general case
-        r = jnp.clip(a_scaled[0, 1], -1.0, 1.0)
-        det = jnp.maximum(1.0 - r * r, 1e-10 * (1.0 + jnp.abs(r)))
-        step = jnp.stack([g[0] - r * g[1], g[1] - r * g[0]]) / det / scale
+#: The fit iterates on τ = log δ, δ = σ²_k/σ²_e, with σ²_e profiled out. τ is kept in [−LOG_RATIO_BOUND,
+#: LOG_RATIO_SNAP]. Below, σ²_k at BOUNDARY_RELATIVE_VARIANCE·σ²_e; a step that crosses −LOG_RATIO_SNAP
+#: (SINGULAR_RELATIVE_VARIANCE) goes straight to that bound, as ``estimate``'s ``snap`` does. Above, σ²_e is held
+#: at SINGULAR_RELATIVE_VARIANCE·σ²_k: when X has a component in K's null space (a centred kinship and an
+#: intercept) the weighted normal equations lose all precision as σ²_e → 0, and the REML surface is flat there
+#: to rounding, so σ²_e is not driven further down (the fit is reported singular).
+LOG_RATIO_BOUND = -math.log(BOUNDARY_RELATIVE_VARIANCE)
+LOG_RATIO_SNAP = -math.log(SINGULAR_RELATIVE_VARIANCE)
+#: Start: the best of these log δ (and the two bounds), evaluated for all responses at once.
+START_GRID = (-12.0, -9.0, -6.0, -4.5, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 12.0)
+#: Longest Newton step on log δ.
+MAX_RATIO_STEP = 3.0
+
+
+def _forward(L, b):
+    """Solve L z = b (L lower triangular, b of shape (p,) or (p, m))."""
+    p = L.shape[0]
+    if p > SMALL_P:
+        return jax.scipy.linalg.solve_triangular(L, b, lower=True)
+    z = []
+    for i in range(p):
+        acc = b[i] - sum((L[i, m] * z[m] for m in range(i)), jnp.zeros_like(b[i]))
+        z.append(acc / L[i, i])
+    return jnp.stack(z)
+
+
+def _profiled(C, b, yy, sld, n: int, p: int, reml: bool):
+    """Profiled log-likelihood (σ²_e = Q/(n−p), or Q/n for ML) from the D⁻¹-weighted moments, and Q."""
+    L = _cholesky(C)
+    z = _forward(L, b)
+    Q = yy - z @ z
+    Q_ok = Q > 0
+    Q_safe = jnp.where(Q_ok, Q, 1.0)
+    if reml:
+        m = n - p
+        f = -0.5 * (
+            m * (jnp.log(Q_safe / m) + 1.0 + math.log(2 * math.pi)) + sld + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
+        )
     else:
-        vals, vecs = jnp.linalg.eigh(a_scaled)
-        top = jnp.max(jnp.abs(vals))
-        vals = jnp.maximum(vals, 1e-10 * top + jnp.finfo(a.dtype).tiny)
-        step = (vecs @ ((vecs.T @ g) / vals)) / scale
-    step = jnp.where(free, step, 0.0)
-    longest = jnp.max(jnp.abs(step))
-    step = step * jnp.minimum(1.0, MAX_LOG_STEP / jnp.maximum(longest, MAX_LOG_STEP))
-    return jnp.where(jnp.all(jnp.isfinite(step)), step, 0.0)
+        f = -0.5 * (n * (jnp.log(Q_safe / n) + 1.0 + math.log(2 * math.pi)) + sld)
+    f = jnp.where(Q_ok & jnp.isfinite(f), f, -jnp.inf)
+    return f, Q
+
+
+class _Moments(NamedTuple):
+    """Per-response data of the profiled fit: OLS residual r̃, X̃·r̃ (n, p) and r̃²; shared X̃ outer products."""
+
+    Xr: Array
+    r2: Array
+    XX: Array
+    lam: Array
+
+
+def _jet(tau, mom: _Moments, n: int, p: int, reml: bool):
+    """Profiled log-likelihood at log δ = ``tau`` with its first two derivatives (exact).
+
+    With w = 1/(δλ + 1) and v = δλ·w = 1 − w: dw/dτ = −w·v, d²w/dτ² = −w·v·(w − v); d log d/dτ = v,
+    d² log d/dτ² = w·v. The weighted moments and their derivatives are three n-sums; the p×p part is
+    differentiated by forward-mode autodiff of its second-order Taylor expansion in τ.
+    """
+    delta = jnp.exp(tau)
+    dl = delta * mom.lam
+    w = 1.0 / (dl + 1.0)
+    v = dl * w
+    w1 = -w * v
+    w2 = w1 * (w - v)
+    Wk = jnp.stack([w, w1, w2])  # (3, n)
+    C = jnp.einsum("kn,nab->kab", Wk, mom.XX)
+    b = Wk @ mom.Xr
+    yy = Wk @ mom.r2
+    sld = jnp.stack([jnp.sum(jnp.log1p(dl)), jnp.sum(v), jnp.sum(w * v)])
+
+    def h(s):
+        c = 0.5 * s * s
+        return _profiled(
+            C[0] + s * C[1] + c * C[2],
+            b[0] + s * b[1] + c * b[2],
+            yy[0] + s * yy[1] + c * yy[2],
+            sld[0] + s * sld[1] + c * sld[2],
+            n,
+            p,
+            reml,
+        )[0]
+
+    zero, one = jnp.zeros((), tau.dtype), jnp.ones((), tau.dtype)
+    (f, g), (_, hh) = jax.jvp(lambda s: jax.jvp(h, (s,), (one,)), (zero,), (one,))
+    ok = jnp.isfinite(f) & jnp.isfinite(g) & jnp.isfinite(hh)
+    return jnp.where(ok, f, -jnp.inf), jnp.where(ok, g, 0.0), jnp.where(ok, hh, 0.0)
 
 
 class _State(NamedTuple):
-    theta: Array
-    ev: _Eval
-    score: Array
-    ai: Array
+    tau: Array
+    f: Array
+    g: Array
+    h: Array
+    length: Array  # step-length factor (halved after a rejected step)
     n_iter: Array
     status: Array
 
 
 def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
-    """AI-REML for one rotated response; returns a :class:`SpectralFit` (without param_names)."""
+    """Profiled Newton fit on log(σ²_k/σ²_e) for one rotated response; then the full AI at the optimum.
+
+    Returns the :class:`SpectralFit` fields (without param_names) as a dict.
+    """
     n, p = Xt.shape
     dtype = yt.dtype
     beta_ols = _cho_solve(_cholesky(Xt.T @ Xt), Xt.T @ yt)
-    resid = yt - Xt @ beta_ols
-    scale = resid @ resid / (n - p)
+    r0 = yt - Xt @ beta_ols  # Q is unchanged by removing any X·c from y; this keeps it free of cancellation
+    scale = r0 @ r0 / (n - p)
     scale = jnp.where(scale > 0, scale, 1.0)
     powers = jnp.zeros_like(base_theta)
     powers = powers.at[opts.k_index].set(opts.powers[0]).at[opts.e_index].set(opts.powers[1])
-    theta0 = base_theta + jnp.log(scale) / powers
     lb = base_theta + jnp.log(scale * BOUNDARY_RELATIVE_VARIANCE) / powers
     snap = base_theta + jnp.log(scale * SINGULAR_RELATIVE_VARIANCE) / powers
     tol_score, tol_delta, tol_loglik = tol[0], tol[1], tol[2]
     rounding = 4 * jnp.finfo(dtype).eps
+    lo, hi = -LOG_RATIO_BOUND, LOG_RATIO_SNAP
+    mom = _Moments(Xt * r0[:, None], r0 * r0, Xt[:, :, None] * Xt[:, None, :], lam)
 
-    def derivs(theta, ev):
-        return _score_and_ai(theta, yt, Xt, lam, opts, ev)
+    def jet(tau):
+        return _jet(tau, mom, n, p, opts.reml)
 
-    ev0 = _evaluate(theta0, yt, Xt, lam, opts)
-    s0, a0 = derivs(theta0, ev0)
-    init = _State(theta0, ev0, s0, a0, jnp.asarray(0), jnp.where(ev0.ok, RUNNING, STALLED))
+    # start: the best point of a fixed grid (its weights and X moments are shared by all responses)
+    grid = jnp.asarray((lo, *START_GRID, hi), dtype)
+    dl = jnp.exp(grid)[:, None] * lam[None, :]
+    Wg = 1.0 / (dl + 1.0)
+    f_grid, _ = jax.vmap(lambda C, b, yy, sld: _profiled(C, b, yy, sld, n, p, opts.reml))(
+        jnp.einsum("gn,nab->gab", Wg, mom.XX), Wg @ mom.Xr, Wg @ mom.r2, jnp.sum(jnp.log1p(dl), axis=1)
+    )
+    f_grid = jnp.where(jnp.isnan(f_grid), -jnp.inf, f_grid)
+    tau0 = grid[jnp.argmax(f_grid)]
+    f0, g0, h0 = jet(tau0)
+    one = jnp.ones((), dtype)
+    init = _State(tau0, f0, g0, h0, one, jnp.asarray(0), jnp.where(jnp.isfinite(f0), RUNNING, STALLED))
+
+    def free_gradient(tau, g):
+        held = ((tau <= lo) & (g < 0)) | ((tau >= hi) & (g > 0))
+        return jnp.where(held, 0.0, g)
 
     def cond(st: _State):
         return st.status == RUNNING
 
     def body(st: _State):
-        free = ~((st.theta <= lb) & (st.score < 0))
-        step = _direction(st.score, st.ai, free)
-        ll = st.ev.loglik
-
-        def candidate(length):
-            cand = jnp.maximum(st.theta + step * length, lb)
-            return jnp.where(cand < snap, lb, cand)
-
-        def h_cond(carry):
-            j, _, accepted = carry
-            return (~accepted) & (j < opts.max_halvings)
-
-        def h_body(carry):
-            j, length, _ = carry
-            ll_c = _loglik(candidate(length), yt, Xt, lam, opts)
-            accepted = ll_c >= ll - rounding * (1.0 + jnp.abs(ll))
-            return j + 1, jnp.where(accepted, length, 0.5 * length), accepted
-
-        start = (jnp.asarray(0), jnp.asarray(1.0, dtype), jnp.asarray(False))
-        _, length, accepted = jax.lax.while_loop(h_cond, h_body, start)
-        new_theta = jnp.where(accepted, candidate(length), st.theta)
-        ev = _evaluate(new_theta, yt, Xt, lam, opts)
-        score, ai = derivs(new_theta, ev)
-        n_iter = st.n_iter + 1
-        new_free = ~((new_theta <= lb) & (score < 0))
-        score_ok = jnp.sqrt(jnp.sum(jnp.where(new_free, score, 0.0) ** 2)) < tol_score
-        delta_ok = jnp.max(jnp.abs(new_theta - st.theta)) < tol_delta
-        loglik_ok = jnp.abs(ev.loglik - ll) < tol_loglik
-        done = score_ok & delta_ok & loglik_ok & (n_iter >= opts.min_iter)
+        tau, g, h = st.tau, st.g, st.h
+        newton = jnp.where(h < 0, -g / jnp.where(h < 0, h, -1.0), jnp.sign(g) * MAX_RATIO_STEP)
+        step = jnp.clip(newton, -MAX_RATIO_STEP, MAX_RATIO_STEP)
+        cand = tau + st.length * step
+        cand = jnp.where((cand < -LOG_RATIO_SNAP) & (step < 0), lo, cand)
+        # A variance heading to 0 is approached only linearly by Newton on log δ; Newton on δ (or on 1/δ) shows
+        # whether the optimum lies beyond the singular threshold: then try the bound at once.
+        first = st.length == 1.0
+        c_lo, c_hi = h - g, h + g  # d²ℓ/dδ²·δ², d²ℓ/dε²·ε² (ε = 1/δ)
+        to_lo = (g < 0) & (c_lo < 0) & (1.0 - g / jnp.where(c_lo < 0, c_lo, -1.0) <= jnp.exp(-LOG_RATIO_SNAP - tau))
+        to_hi = (g > 0) & (c_hi < 0) & (1.0 + g / jnp.where(c_hi < 0, c_hi, -1.0) <= jnp.exp(tau - LOG_RATIO_SNAP))
+        cand = jnp.where(first & to_lo, lo, jnp.where(first & to_hi, hi, cand))
+        cand = jnp.clip(cand, lo, hi)
+        f_c, g_c, h_c = jet(cand)
+        accepted = f_c >= st.f - rounding * (1.0 + jnp.abs(st.f))
+        new = _State(
+            jnp.where(accepted, cand, tau),
+            jnp.where(accepted, f_c, st.f),
+            jnp.where(accepted, g_c, g),
+            jnp.where(accepted, h_c, h),
+            jnp.where(accepted, one, 0.5 * st.length),
+            st.n_iter + 1,
+            st.status,
+        )
+        score_ok = jnp.abs(free_gradient(new.tau, new.g)) < tol_score
+        delta_ok = jnp.abs(cand - tau) < tol_delta
+        loglik_ok = jnp.abs(f_c - st.f) < tol_loglik
+        done = accepted & score_ok & delta_ok & loglik_ok & (new.n_iter >= opts.min_iter)
         status = jnp.where(done, CONVERGED, RUNNING)
-        status = jnp.where(~done & ~accepted, jnp.where(score_ok, CONVERGED, STALLED), status)
-        status = jnp.where((status == RUNNING) & (n_iter >= opts.max_iter), MAX_ITER, status)
-        return _State(new_theta, ev, score, ai, n_iter, status)
+        gave_up = ~accepted & (new.length < 0.5**opts.max_halvings)
+        status = jnp.where(gave_up, jnp.where(score_ok, CONVERGED, STALLED), status)
+        status = jnp.where((status == RUNNING) & (new.n_iter >= opts.max_iter), MAX_ITER, status)
+        return new._replace(status=status)
 
     st = jax.lax.while_loop(cond, body, init)
-    theta, ev = st.theta, st.ev
+    # the variances at the optimum: σ²_e = Q/(n − p) (Q/n for ML), σ²_k = δ·σ²_e; a variance at its bound is set
+    # to ``estimate``'s bound; then the full two-parameter evaluation, score and average information
+    delta = jnp.exp(st.tau)
+    wf = 1.0 / (delta * lam + 1.0)
+    _, Q = _profiled(
+        Xt.T @ (Xt * wf[:, None]), Xt.T @ (wf * r0), wf @ mom.r2, jnp.sum(jnp.log1p(delta * lam)), n, p, opts.reml
+    )
+    s2e = jnp.maximum(Q, jnp.finfo(dtype).tiny) / ((n - p) if opts.reml else n)
+    s2k = delta * s2e
+    log_var = jnp.zeros_like(base_theta).at[opts.k_index].set(jnp.log(s2k)).at[opts.e_index].set(jnp.log(s2e))
+    theta = jnp.maximum(log_var / powers, lb)  # σ² = exp(power·θ), as in _variances
+    at_lo = jnp.zeros_like(theta, bool).at[opts.k_index].set(st.tau <= lo)
+    at_hi = jnp.zeros_like(theta, bool).at[opts.e_index].set(st.tau >= hi)
+    theta = jnp.where(at_lo, lb, theta)  # σ²_k held at its bound: exactly ``estimate``'s bound
+    theta = jnp.where(jnp.isfinite(st.f), theta, base_theta + jnp.log(scale) / powers)
+    ev = _evaluate(theta, yt, Xt, lam, opts)
+    score, ai = _score_and_ai(theta, yt, Xt, lam, opts, ev)
     eye = jnp.eye(p, dtype=dtype)
     chol_inv = jax.scipy.linalg.solve_triangular(ev.chol_c, eye, lower=True)
     vcov_beta = chol_inv.T @ chol_inv
-    information = jnp.where(ev.ok, st.ai, 0.0)
+    information = jnp.where(ev.ok, ai, 0.0)
     vcov_theta = _pseudo_inverse(information)
     s2k, s2e = _variances(theta, opts)
     natural = jnp.zeros_like(theta).at[opts.k_index].set(s2k).at[opts.e_index].set(s2e)
@@ -359,7 +464,7 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
     h2 = h2_of(theta)
     g = jax.grad(h2_of)(theta)
     h2_se = jnp.sqrt(jnp.maximum(g @ vcov_theta @ g, 0.0))
-    at_boundary = theta <= jnp.maximum(snap, lb)
+    at_boundary = (theta <= jnp.maximum(snap, lb)) | at_hi
     return dict(
         theta=theta,
         natural_params=natural,
@@ -372,7 +477,7 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
         status=st.status,
         singular=jnp.any(at_boundary),
         at_boundary=at_boundary,
-        score=st.score,
+        score=score,
         information=information,
         vcov_theta=vcov_theta,
         h2=h2,
