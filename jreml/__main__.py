@@ -1,6 +1,6 @@
 """The ``jreml`` command: fit an lme4-style formula to a CSV file (or a bundled example) and print the result.
 
-    jreml fit DATA.csv "FORMULA" [--ml] [--algorithm ai|fisher|newton|em] [--relmat GROUP=K.csv] [--json]
+    jreml fit DATA.csv "FORMULA" [--ml] [--algorithm ai|fisher|newton|em|hybrid] [--relmat GROUP=K.csv] [--json]
     jreml fit --example NAME [--trait traitN] [--ml] [--algorithm ...] [--json]
     jreml datasets
 
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
     fit.add_argument("--example", help="fit a bundled data set's classic model instead (see `jreml datasets`)")
     fit.add_argument("--trait", help="kinship example: which trait column (default trait1)")
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")
-    fit.add_argument("--algorithm", default="ai", choices=["ai", "fisher", "newton", "em"])
+    fit.add_argument("--algorithm", default="ai", choices=["ai", "fisher", "newton", "em", "hybrid"])
     fit.add_argument(
         "--relmat",
         action="append",

@@ -11,6 +11,7 @@ import numpy as np
 from jax.errors import JaxRuntimeError
 from jaxtyping import Array, Float
 
+from ._backends.mme import mme_evaluate, mme_structure
 from ._config import as_float_array, float_dtype
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import CustomMatrix
@@ -25,6 +26,7 @@ from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STATUS_MESSAGES, 
 from ._solvers.newton import Newton
 
 ALGORITHMS = {"ai": AI, "fisher": Fisher, "newton": Newton, "em": EM}
+BACKENDS = ("auto", "dense", "mme")
 _ALGORITHM_INSTANCES: dict = {}
 
 #: Lower bound of a variance, relative to the data's residual variance (θ is clipped there).
@@ -105,6 +107,7 @@ def _fit(
     em_plan,
     verbose,
     throw,
+    backend="dense",
 ) -> FitResult:
     TRACE_COUNT[0] += 1
     dtype = y.dtype
@@ -142,6 +145,7 @@ def _fit(
         min_iter=min_iter,
         em_plan=em_plan,
         verbose=verbose,
+        backend=backend,
     )
     theta = out.theta
     if throw:
@@ -150,10 +154,13 @@ def _fit(
     free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
     theta = implicit_theta(theta, free, model, y, X, reml)
 
-    c = core(theta, y, X, model, reml)
-    final = derivatives_at(
-        theta, y, X, model, c, reml=reml, information="ai", derivatives=derivatives, dv_builder=dv_builder
-    )
+    if backend == "mme":
+        c, final = mme_evaluate(theta, y, X, mme_structure(model), reml=reml, information="ai")
+    else:
+        c = core(theta, y, X, model, reml)
+        final = derivatives_at(
+            theta, y, X, model, c, reml=reml, information="ai", derivatives=derivatives, dv_builder=dv_builder
+        )
     p = X.shape[1]
     chol_inv = jax.scipy.linalg.solve_triangular(c.chol_xvx, jnp.eye(p, dtype=dtype), lower=True)
     vcov_beta = chol_inv.T @ chol_inv
@@ -215,7 +222,19 @@ _fit_jit = eqx.filter_jit(_fit)
 
 _CACHE_LIMIT = 128
 _JITTED: dict = {}  # (treedef, static leaves, option key) -> _Jitted
-_MODEL_INFO: dict = {}  # (treedef, static leaves, leaf shapes) -> (shape, num_free_params, em_plan)
+_MODEL_INFO: dict = {}  # (treedef, static leaves, leaf shapes) -> (shape, num_free_params, em_plan, mme q)
+
+
+def clear_caches() -> None:
+    """Drop every compiled fitting program (jreml's own caches and JAX's).
+
+    Each compiled XLA CPU program holds memory mappings; a process that compiles thousands of distinct programs
+    can reach the kernel's map limit (vm.max_map_count, 65,530 by default) and abort inside XLA. Long-running
+    processes that fit many differently shaped models (a test suite) should call this now and then.
+    """
+    _JITTED.clear()
+    _MODEL_INFO.clear()
+    jax.clear_caches()
 
 
 def _remember(cache: dict, key, value):
@@ -283,16 +302,41 @@ def _split_model(model):
     return treedef, static, dynamic, tuple(shapes)
 
 
+def _mme_q(model):
+    """Number of random effects q when the MME back end can evaluate the model, else None."""
+    structure = mme_structure(model)
+    return None if structure is None else structure.q
+
+
 def _model_info(model, split):
-    """(shape, num_free_params, em_plan) of the model, cached per structure and leaf shapes."""
+    """(shape, num_free_params, em_plan, MME q or None) of the model, cached per structure and leaf shapes."""
     if split is None:
-        return model.shape, model.num_free_params, model.em_plan()
+        return model.shape, model.num_free_params, model.em_plan(), _mme_q(model)
     treedef, static, _, shapes = split
     key = (treedef, static, shapes)
     info = _MODEL_INFO.get(key)
     if info is None:
-        info = _remember(_MODEL_INFO, key, (tuple(model.shape), model.num_free_params, model.em_plan()))
+        info = (tuple(model.shape), model.num_free_params, model.em_plan(), _mme_q(model))
+        info = _remember(_MODEL_INFO, key, info)
     return info
+
+
+def _resolve_backend(backend: str, mme_q, n: int, information: str, derivatives: str) -> str:
+    """The back end that runs: "mme" for Σ Z_j G_j Z_jᵀ + σ²I models (q < n for "auto"), else "dense"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "mme" and mme_q is None:
+        raise ValueError(
+            'backend="mme" needs V = sum_j Z_j G_j Z_j^T + s2*I: a Sum of CovariancePropagation terms with a '
+            "DummyMatrix or constant Z and a Scalar/Diagonal/Unstructured/Identity/Kronecker G, plus one "
+            "ScalarMatrix(n) residual"
+        )
+    # Fisher information and the explicit ∂V/∂θ modes need the n×n matrices: dense.
+    if backend == "dense" or mme_q is None or information == "fisher" or derivatives != "auto":
+        return "dense"
+    if backend == "auto" and mme_q >= n:
+        return "dense"
+    return "mme"
 
 
 def _as_input(x, name: str):
@@ -330,6 +374,7 @@ def estimate(
     em_fallback: bool = True,
     verbose: int = 0,
     throw: bool = True,
+    backend: str = "auto",
 ) -> FitResult:
     """Fit y ~ N(Xβ, V(θ)) by REML (default) or ML; one jit-compiled ``lax.while_loop``.
 
@@ -338,7 +383,8 @@ def estimate(
             required; it is wrapped in ``CustomMatrix``).
         y: response (n,). X: fixed-effects design (n, p) of full column rank; default an intercept.
         theta0: starting θ (k,). Default: the OLS residual variance split evenly over the model's terms.
-        method: "reml" or "ml". algorithm: "ai" (average information, default), "fisher", "newton", "em".
+        method: "reml" or "ml". algorithm: "ai" (average information, default), "fisher", "newton", "em",
+            or "hybrid" (a few optax L-BFGS steps on the profiled objective, then AI; see ``hybrid_estimate``).
         derivatives: "auto" | "jacfwd" | "jacrev" | "analytic" (with ``dv_builder(theta) -> (k, n, n)``).
         max_iter, eta: iteration cap and initial step length of θ ← θ + η·I⁻¹s (halved up to
             ``max_halvings`` times while ℓ would decrease or V is not PD).
@@ -349,10 +395,25 @@ def estimate(
         em_fallback: for variance-component models, try an EM-REML step when step-halving fails.
         verbose: 0 silent, 1 progress bar, 2 per-iteration table (host callbacks only when verbose > 0).
         throw: raise (``eqx.error_if``) when the start is invalid; otherwise report it in ``status``.
+        backend: "auto" (default), "dense" or "mme". The mixed-model-equations back end evaluates
+            V = Σ_j Z_j G_j Z_jᵀ + σ²I (fixed Z_j, q random effects in all) in O(nq² + q³) instead of the dense
+            O(n³) Cholesky; "auto" uses it for such models when q < n, "mme" whenever the model has the form
+            (an error otherwise). Both give the same likelihood; algorithm="fisher" and derivatives other
+            than "auto" always run dense.
 
     Returns:
         :class:`FitResult`. Works under ``jax.vmap`` over ``y`` (or ``X``, ``theta0``): one compilation.
     """
+    if isinstance(algorithm, str) and algorithm == "hybrid":
+        from ._hybrid import hybrid_estimate  # _hybrid imports this module
+
+        return hybrid_estimate(
+            v_builder, y, X, theta0, method=method, derivatives=derivatives, dv_builder=dv_builder,
+            max_iter=max_iter, eta=eta, lb=lb, ub=ub, tol_score=tol_score, tol_delta=tol_delta,
+            tol_loglik=tol_loglik, check_score=check_score, check_delta=check_delta, check_loglik=check_loglik,
+            min_iter=min_iter, max_halvings=max_halvings, em_fallback=em_fallback, verbose=verbose, throw=throw,
+            backend=backend,
+        )  # fmt: skip
     reml = check_method(method)
     algo = _as_algorithm(algorithm)
     if derivatives not in DERIVATIVES:
@@ -369,7 +430,7 @@ def estimate(
     split = _split_model(model)
     model_leaves = split[2] if split is not None else jax.tree_util.tree_leaves(model)
     traced = any(_is_traced(a) for a in (y, X, theta0, lb, ub, eta, *model_leaves))
-    shape, k, em_plan = _model_info(model, split)
+    shape, k, em_plan, mme_q = _model_info(model, split)
     if shape[0] != shape[1]:
         raise ValueError(f"the covariance model must be square, got shape {shape}")
     _check_data(y, X, shape[0])
@@ -402,6 +463,7 @@ def estimate(
         ("min_iter", int(min_iter)),
         ("em_plan", em_plan),
         ("verbose", int(verbose)),
+        ("backend", _resolve_backend(backend, mme_q, shape[0], algo.information, derivatives)),
         # Concrete calls check an invalid start here, after the call: a program with eqx.error_if's host
         # callback cannot be stored in JAX's persistent compilation cache. Under a transform (vmap, grad)
         # the check stays inside the program.

@@ -21,3 +21,13 @@ def load_reference(case: str) -> dict:
 @pytest.fixture(scope="session")
 def reference():
     return load_reference
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Free each test module's compiled programs: every XLA CPU executable holds memory mappings, and the whole
+    suite in one process would otherwise pass the kernel's vm.max_map_count (65,530) and abort inside XLA."""
+    yield
+    from jreml._estimate import clear_caches
+
+    clear_caches()

@@ -115,3 +115,14 @@ def test_hybrid_gradient_and_options():
         hybrid_estimate(ex.model, ex.y, ex.X, algorithm="em")
     with pytest.raises(ValueError, match="optax_steps"):
         hybrid_estimate(ex.model, ex.y, ex.X, optax_steps=-1)
+
+
+def test_estimate_and_fit_accept_algorithm_hybrid():
+    ex = jreml.example("dyestuff")
+    direct = jreml.estimate(ex.model, ex.y, ex.X)
+    hybrid = jreml.estimate(ex.model, ex.y, ex.X, algorithm="hybrid")
+    assert hybrid.algorithm == "hybrid" and bool(hybrid.converged)
+    assert abs(float(hybrid.loglik) - float(direct.loglik)) < 1e-8
+    formula_fit = jreml.fit("Yield ~ 1 + (1 | Batch)", jreml.datasets.load("dyestuff"), algorithm="hybrid")
+    assert formula_fit.algorithm == "hybrid"
+    assert abs(float(formula_fit.loglik) - float(direct.loglik)) < 1e-8

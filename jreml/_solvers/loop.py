@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from .._backends.mme import mme_evaluate, mme_structure, prepare
 from .._likelihood import core, derivatives_at
 from .base import AbstractAlgorithm, em_direction, free_mask
 
@@ -45,20 +46,29 @@ class Evaluation(NamedTuple):
     information: Float[Array, "k k"]
 
 
-def evaluate(theta, y, X, model, *, reml, information, derivatives, dv_builder) -> Evaluation:
-    """ℓ, β̂, score and information at θ; score and information are zero where V is not PD."""
-    c = core(theta, y, X, model, reml)
-    d = derivatives_at(
-        theta,
-        y,
-        X,
-        model,
-        c,
-        reml=reml,
-        information=information,
-        derivatives=derivatives,
-        dv_builder=dv_builder,
-    )
+BACKENDS = ("dense", "mme")
+
+
+def evaluate(theta, y, X, model, *, reml, information, derivatives, dv_builder, mme=None) -> Evaluation:
+    """ℓ, β̂, score and information at θ; score and information are zero where V is not PD.
+
+    ``mme``: ``(structure, prepared)`` of the MME back end (``_backends.mme``), or None for the dense path.
+    """
+    if mme is not None:
+        c, d = mme_evaluate(theta, y, X, mme[0], reml=reml, information=information, data=mme[1])
+    else:
+        c = core(theta, y, X, model, reml)
+        d = derivatives_at(
+            theta,
+            y,
+            X,
+            model,
+            c,
+            reml=reml,
+            information=information,
+            derivatives=derivatives,
+            dv_builder=dv_builder,
+        )
     ok = c.ok & jnp.all(jnp.isfinite(d.score)) & jnp.all(jnp.isfinite(d.information))
     zero = jnp.zeros((), theta.dtype)
     return Evaluation(
@@ -140,8 +150,19 @@ def run(
     min_iter: int,
     em_plan,
     verbose: int,
+    backend: str = "dense",
 ) -> LoopResult:
-    ev_kwargs = dict(reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    mme = None
+    if backend == "mme":
+        structure = mme_structure(model)
+        if structure is None:
+            raise ValueError("backend='mme' needs a model sum_j Z_j G_j Z_j^T + s2*I with parameter-free Z_j")
+        mme = (structure, prepare(structure, y, X))
+    ev_kwargs = dict(
+        reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder, mme=mme
+    )
     k, p = theta0.shape[0], X.shape[1]
     dtype = theta0.dtype
     tol_score, tol_delta, tol_loglik = tolerances[0], tolerances[1], tolerances[2]

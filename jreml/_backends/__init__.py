@@ -1,0 +1,1 @@
+"""Structured likelihood back ends (alternatives to the dense n×n Cholesky of ``_likelihood.core``)."""

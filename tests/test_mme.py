@@ -1,0 +1,226 @@
+"""The mixed-model-equations back end (jreml/_backends/mme.py) against the dense n×n path."""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jreml
+from jreml._backends.mme import mme_core, mme_evaluate, mme_structure, prepare
+from jreml._estimate import _resolve_backend
+from jreml._likelihood import core, derivatives_at
+from jreml.covariance import CovariancePropagation, DummyMatrix, FixedMatrix, ScalarMatrix, UnstructuredMatrix
+
+EXAMPLES = ["dyestuff", "sleepstudy", "penicillin", "machines", "john_alpha"]
+RTOL = 1e-10
+
+
+@functools.cache
+def example(name):
+    ex = jreml.example(name)
+    return ex.model, jnp.asarray(ex.y), jnp.asarray(ex.X)
+
+
+@functools.cache
+def optimum(name, method):
+    model, y, X = example(name)
+    return jreml.estimate(model, y, X, method=method, backend="dense").theta
+
+
+def thetas(name, method):
+    model, y, X = example(name)
+    start = model.default_theta(jnp.var(y))
+    opt = optimum(name, method)
+    perturbed = opt + 0.3 * jnp.sin(jnp.arange(1.0, opt.shape[0] + 1.0))
+    return {"start": start, "optimum": opt, "perturbed": perturbed}
+
+
+def assert_close(actual, desired, rtol=RTOL, atol=0.0):
+    """Max-norm relative agreement: ‖actual − desired‖∞ ≤ rtol·‖desired‖∞ + atol."""
+    actual, desired = np.asarray(actual), np.asarray(desired)
+    assert actual.shape == desired.shape
+    err = np.max(np.abs(actual - desired), initial=0.0)
+    assert err <= rtol * np.max(np.abs(desired), initial=0.0) + atol, (err, actual, desired)
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_are_recognised(name):
+    model, y, X = example(name)
+    structure = mme_structure(model)
+    assert structure is not None
+    assert structure.n == y.shape[0]
+    assert structure.q == sum(t.Z.shape[1] for t in model.random_terms())
+    assert structure.q < structure.n
+
+
+def test_other_models_are_not_recognised():
+    ex = jreml.example("kinship")
+    assert mme_structure(ex.model) is None  # FixedMatrix term: no Z
+    n = 12
+    z = DummyMatrix(np.arange(n) % 3)
+    term = CovariancePropagation(z, ScalarMatrix(3))
+    assert mme_structure(term) is None  # not a Sum
+    assert mme_structure(term + term) is None  # no residual
+    assert mme_structure(term + ScalarMatrix(n) + ScalarMatrix(n)) is None  # two residuals
+    assert mme_structure(term + FixedMatrix(np.eye(n)) + ScalarMatrix(n)) is None
+    assert mme_structure(term + ScalarMatrix(n)) is not None
+    # A constant dense Z and an unstructured G are fine.
+    zc = np.random.default_rng(0).normal(size=(n, 2))
+    assert mme_structure(CovariancePropagation(zc, UnstructuredMatrix(2)) + ScalarMatrix(n)) is not None
+
+
+@functools.partial(eqx.filter_jit)
+def both_paths(theta, y, X, model, reml, informations):
+    """Dense and MME quantities at θ (jit-compiled once per model and method; θ is traced)."""
+    structure = mme_structure(model)
+    data = prepare(structure, y, X)
+    dense = core(theta, y, X, model, reml)
+    mme = mme_core(theta, y, X, structure, reml, data)
+    out = {
+        "ok": (dense.ok, mme.ok),
+        "loglik": (dense.loglik, mme.loglik),
+        "beta": (dense.beta, mme.beta),
+        "p_y": (dense.p_y, mme.p_y),
+        "v_inv_x": (dense.v_inv_x, mme.v_inv_x),
+        # (XᵀV⁻¹X)⁻¹ comes from the factor both back ends return.
+        "xvx": (dense.chol_xvx @ dense.chol_xvx.T, mme.chol_xvx @ mme.chol_xvx.T),
+    }
+    for information in informations:
+        d_dense = derivatives_at(theta, y, X, model, dense, reml=reml, information=information, derivatives="auto")
+        c, d_mme = mme_evaluate(theta, y, X, structure, reml=reml, information=information, data=data)
+        out[f"loglik_{information}"] = (dense.loglik, c.loglik)
+        out[f"score_{information}"] = (d_dense.score, d_mme.score)
+        out[f"information_{information}"] = (d_dense.information, d_mme.information)
+    return out
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_core_and_derivatives_match_dense(name, method):
+    model, y, X = example(name)
+    n = y.shape[0]
+    for where, theta in thetas(name, method).items():
+        out = both_paths(theta, y, X, model, method == "reml", ("ai", "none"))
+        assert bool(out.pop("ok")[1]), where
+        for key, (dense, mme) in out.items():
+            # The score vanishes at the optimum: compare it on the scale of its terms (O(n)).
+            atol = RTOL * n if key.startswith("score") else 0.0
+            assert_close(mme, dense, atol=atol)
+
+
+@pytest.mark.parametrize("name,method", [("sleepstudy", "reml"), ("penicillin", "ml")])
+def test_observed_information_matches_dense(name, method):
+    model, y, X = example(name)
+    for where, theta in thetas(name, method).items():
+        out = both_paths(theta, y, X, model, method == "reml", ("observed",))
+        dense, mme = out["information_observed"]
+        assert_close(mme, dense), where
+
+
+def test_prepare_is_optional():
+    model, y, X = example("penicillin")
+    structure = mme_structure(model)
+    theta = thetas("penicillin", "reml")["perturbed"]
+    a = mme_core(theta, y, X, structure, True)
+    b = mme_core(theta, y, X, structure, True, prepare(structure, y, X))
+    assert float(a.loglik) == float(b.loglik)
+
+
+def test_non_pd_residual_gives_minus_inf():
+    model, y, X = example("dyestuff")
+    structure = mme_structure(model)
+    theta = jnp.asarray([1.0, -jnp.inf])
+    c = mme_core(theta, y, X, structure, True)
+    assert not bool(c.ok) and float(c.loglik) == -np.inf
+
+
+def test_fisher_is_not_an_mme_information():
+    model, y, X = example("dyestuff")
+    with pytest.raises(ValueError, match="MME"):
+        mme_evaluate(jnp.zeros(2), y, X, mme_structure(model), reml=True, information="fisher")
+
+
+def test_backend_resolution():
+    assert _resolve_backend("auto", 36, 180, "ai", "auto") == "mme"
+    assert _resolve_backend("auto", 36, 180, "observed", "auto") == "mme"
+    assert _resolve_backend("auto", 36, 180, "none", "auto") == "mme"
+    assert _resolve_backend("auto", 36, 180, "fisher", "auto") == "dense"
+    assert _resolve_backend("auto", 36, 180, "ai", "jacfwd") == "dense"
+    assert _resolve_backend("auto", 200, 180, "ai", "auto") == "dense"  # q ≥ n: the dense path is cheaper
+    assert _resolve_backend("mme", 200, 180, "ai", "auto") == "mme"
+    assert _resolve_backend("dense", 36, 180, "ai", "auto") == "dense"
+    assert _resolve_backend("auto", None, 180, "ai", "auto") == "dense"
+    with pytest.raises(ValueError, match="backend"):
+        _resolve_backend("sparse", 36, 180, "ai", "auto")
+    with pytest.raises(ValueError, match="mme"):
+        _resolve_backend("mme", None, 180, "ai", "auto")
+
+
+def test_estimate_rejects_mme_for_other_models():
+    ex = jreml.example("kinship")
+    with pytest.raises(ValueError, match="mme"):
+        jreml.estimate(ex.model, ex.y, ex.X, backend="mme")
+    with pytest.raises(ValueError, match="backend"):
+        jreml.estimate(ex.model, ex.y, ex.X, backend="sparse")
+
+
+FIELDS_TIGHT = ("loglik", "beta", "p_y", "vcov_beta", "se_beta", "information", "vcov_theta", "natural_params")
+
+
+def assert_same_fit(a, b, rtol=1e-7):
+    assert int(a.status) == int(b.status) == 0
+    np.testing.assert_allclose(np.asarray(a.theta), np.asarray(b.theta), rtol=rtol, atol=1e-6)
+    for field in FIELDS_TIGHT:
+        np.testing.assert_allclose(
+            np.asarray(getattr(a, field)), np.asarray(getattr(b, field)), rtol=1e-6, atol=1e-8, err_msg=field
+        )
+    np.testing.assert_allclose(float(a.loglik), float(b.loglik), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(a.at_boundary), np.asarray(b.at_boundary))
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_fits_match_dense(name, method):
+    model, y, X = example(name)
+    auto = jreml.estimate(model, y, X, method=method)
+    mme = jreml.estimate(model, y, X, method=method, backend="mme")
+    dense = jreml.estimate(model, y, X, method=method, backend="dense")
+    assert_same_fit(mme, dense)
+    assert_same_fit(auto, mme, rtol=0.0)
+    assert auto.p_y.shape == y.shape
+
+
+@pytest.mark.parametrize("algorithm", ["newton", "em", "fisher"])
+def test_other_algorithms(algorithm):
+    model, y, X = example("penicillin")
+    kwargs = dict(algorithm=algorithm, max_iter=2000 if algorithm == "em" else 200)
+    mme = jreml.estimate(model, y, X, backend="mme", **kwargs)
+    dense = jreml.estimate(model, y, X, backend="dense", **kwargs)
+    assert int(mme.status) == int(dense.status) == 0
+    np.testing.assert_allclose(float(mme.loglik), float(dense.loglik), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(mme.theta), np.asarray(dense.theta), atol=1e-4)
+
+
+def test_vmap_over_y():
+    model, y, X = example("sleepstudy")
+    noise = jnp.asarray(np.random.default_rng(3).normal(size=(3, y.shape[0])))
+    ys = y[None, :] + 5.0 * noise
+    batched = jax.vmap(lambda yy: jreml.estimate(model, yy, X).loglik)(ys)
+    single = [float(jreml.estimate(model, yy, X, backend="dense").loglik) for yy in ys]
+    np.testing.assert_allclose(np.asarray(batched), single, rtol=1e-10)
+
+
+def test_gradient_through_fit_matches_dense():
+    model, y, X = example("dyestuff")
+    direction = jnp.asarray(np.random.default_rng(1).normal(size=y.shape))
+
+    def objective(yy, backend):
+        fit = jreml.estimate(model, yy, X, backend=backend, tol_score=1e-10)
+        return jnp.sum(fit.theta) + jnp.sum(fit.beta) + jnp.sum(fit.p_y)
+
+    g_mme = jax.grad(objective)(y, "mme")
+    g_dense = jax.grad(objective)(y, "dense")
+    np.testing.assert_allclose(float(g_mme @ direction), float(g_dense @ direction), rtol=1e-7)
