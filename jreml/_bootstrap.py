@@ -77,12 +77,13 @@ def _refit(model, Ystar, X, theta0, method, algorithm, options):
     )(Ystar)
 
 
-def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | None = None, **options) -> BootstrapResult:
+def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | None = 128, **options) -> BootstrapResult:
     """Parametric bootstrap of a :class:`jreml.FitResult` (from ``estimate`` or ``fit``).
 
     Simulates ``n_boot`` responses from the fitted model (:func:`simulate`) and refits them all in one
     vmapped :func:`jreml.estimate` call started at θ̂ (same method and algorithm; ``options`` go to
-    ``estimate``), spread over all devices. ``chunk_size`` bounds the replicates per call.
+    ``estimate``), spread over all devices. ``chunk_size`` bounds the replicates per call (default 128: one vmapped
+    while-loop runs until its slowest replicate stops, and on CPU a batch of 1,000 was >30× slower than 8 of 128).
     """
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
