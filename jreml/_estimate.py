@@ -15,8 +15,8 @@ from ._backends.mme import mme_evaluate, mme_structure
 from ._config import as_float_array, float_dtype
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import CustomMatrix
-from ._implicit import implicit_theta
-from ._likelihood import DERIVATIVES, check_method, core, derivatives_at
+from ._implicit import fitted_core, implicit_theta
+from ._likelihood import DERIVATIVES, check_method, derivatives_at
 from ._result import FitResult
 from ._solvers.ai import AI
 from ._solvers.base import AbstractAlgorithm, free_mask
@@ -152,12 +152,11 @@ def _fit(
         theta = eqx.error_if(theta, out.status == INVALID_START, STATUS_MESSAGES[INVALID_START])
     at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
     free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
-    theta = implicit_theta(theta, free, model, y, X, reml)
-
     if backend == "mme":
+        theta = implicit_theta(theta, free, model, y, X, reml)
         c, final = mme_evaluate(theta, y, X, mme_structure(model), reml=reml, information="ai")
     else:
-        c = core(theta, y, X, model, reml)
+        theta, c = fitted_core(theta, free, model, y, X, reml)
         final = derivatives_at(
             theta, y, X, model, c, reml=reml, information="ai", derivatives=derivatives, dv_builder=dv_builder
         )

@@ -27,9 +27,13 @@ def _kernel_values(kind: str, r: Float[Array, "n n"]) -> Float[Array, "n n"]:
 
 
 def _distances(coords: Float[Array, "n d"], lengthscale) -> Float[Array, "n n"]:
-    scaled = coords / lengthscale
-    diff = scaled[:, None, :] - scaled[None, :, :]
-    sq = jnp.sum(diff * diff, axis=-1)
+    # Squared differences first, then the length-scale: derivatives in ℓ never touch an n×n×d tensor.
+    diff = coords[:, None, :] - coords[None, :, :]
+    if jnp.ndim(lengthscale) == 0:
+        sq = jnp.sum(diff * diff, axis=-1) / (lengthscale * lengthscale)
+    else:
+        inv_sq = jnp.broadcast_to(1.0 / (lengthscale * lengthscale), coords.shape[-1:])
+        sq = jnp.einsum("ijd,d->ij", diff * diff, inv_sq)
     # sqrt has an infinite derivative at 0: differentiate through a safe value on the diagonal.
     safe = jnp.where(sq > 0, sq, 1.0)
     return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
