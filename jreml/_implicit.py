@@ -82,7 +82,8 @@ def _curvature(theta, model, y, X, c: Core, reml: bool) -> _Curvature:
 def _times(matrix, dv_k):
     """matrix·V_k; a diagonal V_k (a residual variance, say) scales columns instead of a matrix product."""
     diagonal = jnp.diagonal(dv_k)
-    is_diagonal = jnp.sum(jnp.abs(dv_k)) == jnp.sum(jnp.abs(diagonal))
+    index = jnp.arange(dv_k.shape[0])
+    is_diagonal = jnp.all((dv_k == 0) | (index[:, None] == index[None, :]))
     return jax.lax.cond(is_diagonal, lambda: matrix * diagonal[None, :], lambda: matrix @ dv_k)
 
 
