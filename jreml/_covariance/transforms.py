@@ -77,7 +77,11 @@ class LogCholesky(eqx.Module):
     def cholesky_factor(self, theta: Float[Array, " k"]) -> Float[Array, "m m"]:
         rows, cols = np.tril_indices(self.m)
         values = jnp.where(jnp.asarray(rows == cols), jnp.exp(theta), theta)
-        return jnp.zeros((self.m, self.m), theta.dtype).at[rows, cols].set(values)
+        # A gather from [values, 0] with a constant index matrix, not a scatter: far less program to compile
+        # (the factor is built in every evaluation and derivative of a fit).
+        index = np.full((self.m, self.m), rows.size)
+        index[rows, cols] = np.arange(rows.size)
+        return jnp.concatenate([values, jnp.zeros((1,), values.dtype)])[index]
 
     def forward(self, theta: Float[Array, " k"]) -> Float[Array, "m m"]:
         factor = self.cholesky_factor(theta)
