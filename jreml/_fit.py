@@ -74,12 +74,14 @@ def formula_info(design: Design) -> FormulaInfo:
         else:
             expanded.extend((spec, expr_spec, (label,), (k,)) for k, label in enumerate(labels))
     term_names = _unique_names([spec for spec, *_ in expanded])
-    model_names = [t.name for t in design.model.random_terms()]
+    # build_design records each term's name and levels (recoding the factor columns here would cost as much
+    # again); a Design made without them is checked against the model's terms.
+    model_names = list(design.random_levels) or [t.name for t in design.model.random_terms()]
     if term_names != model_names:  # pragma: no cover - a mismatch with build_design is a bug
         raise RuntimeError(f"formula terms {term_names} do not match the model's terms {model_names}")
     terms = []
     for (spec, expr_spec, labels, columns), name in zip(expanded, term_names, strict=True):
-        levels = DummyMatrix(*(data[f] for f in spec.factors)).levels
+        levels = design.random_levels.get(name) or DummyMatrix(*(data[f] for f in spec.factors)).levels
         intercept_only = labels == ("(Intercept)",)
         terms.append(RandomTermInfo(name, spec.factors, labels, levels, None if intercept_only else expr_spec, columns))
     return FormulaInfo(design.formula.text, fixed_spec, kept, tuple(terms))

@@ -283,3 +283,154 @@ def test_bad_relmat():
         build_design(formula, df, relmat={"id": K[1:, 1:]})
     with pytest.raises(ValueError, match="not a grouping factor"):
         build_design(formula, df, relmat={"family": K})
+
+
+# --- repeated calls: cached model specs, numpy replay of simple specs, cached grouping factors ---------------
+def design_frame(n: int = 40, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(
+        {
+            "x": rng.normal(size=n),
+            "z": rng.integers(-3, 4, size=n),  # int64
+            "f": np.array(["b", "a", "c"])[np.arange(n) % 3],
+            "g": np.array(["u", "v"])[(np.arange(n) // 3) % 2],
+            "k": (np.arange(n) % 4) + 1,
+            "b": np.arange(n) % 2 == 0,
+        }
+    )
+    df["c"] = pd.Categorical(df.f, categories=["c", "a", "b", "unused"])
+    df["o"] = df.k.astype(object)  # Python ints in an object column: a factor with integer levels
+    return df
+
+
+EXPRESSIONS = [
+    "1",
+    "x",
+    "0 + x",
+    "x - 1",
+    "f",
+    "0 + f",
+    "x + f",
+    "x*f",
+    "f:g",
+    "f*g",
+    "x:z",
+    "x + z:f",
+    "f*g*x",
+    "b",
+    "c",
+    "0 + c + x",
+    "o + x",
+    "z + I(z**2)",  # a call: never replayed, formulaic every time
+]
+
+
+def formulaic_matrix(text: str, data: pd.DataFrame):
+    from formulaic import model_matrix
+
+    mm = model_matrix(text, data, na_action="raise", ensure_full_rank=True)
+    return np.asarray(mm, dtype=float), tuple(str(c) for c in mm.columns)
+
+
+@pytest.mark.parametrize("text", EXPRESSIONS)
+def test_repeated_model_matrix_is_formulaics(text):
+    from jreml._design import materialize
+
+    df = design_frame()
+    # Same signature (dtypes, distinct values in order of first appearance), other rows and values.
+    longer = pd.concat([df, df.sample(frac=1.0, random_state=1)], ignore_index=True)
+    longer["x"] = np.random.default_rng(2).normal(size=len(longer))
+    materialize._CACHE.clear()
+    for data in (df, df, longer, df):
+        X, names, spec = materialize.model_matrix(text, data)
+        want, want_names = formulaic_matrix(text, data)
+        assert names == want_names
+        assert X.dtype == np.float64
+        np.testing.assert_array_equal(X, want)
+        assert spec is not None
+    entries = list(materialize._CACHE.values())
+    if "(" in text:
+        assert entries == []
+    else:  # every expression here is simple enough to be replayed in numpy (the fast path is exercised)
+        assert len(entries) == 1 and entries[0].plan is not None, text
+
+
+def test_model_matrix_cache_follows_the_levels():
+    """A cached spec is reused only for data whose factors have the same levels (and the same value types)."""
+    from jreml._design import materialize
+
+    df = design_frame()
+    materialize._CACHE.clear()
+    variants = [
+        df,
+        df[df.f != "c"].reset_index(drop=True),  # a level fewer
+        df.assign(f=df.f.replace("a", "A")),  # a level renamed
+        df.assign(f=np.where(np.arange(len(df)) == 0, "a", df.f)),  # same levels, another order of appearance
+        df.assign(k=df.k.astype(str)),  # "1" instead of 1
+        df.assign(x=df.x.astype(np.float32), z=df.z.astype(float)),  # other numeric dtypes
+        df.assign(c=pd.Categorical(df.f, categories=["a", "b", "c", "unused"])),  # other category order
+    ]
+    for text in ("x + f", "k + x:f", "0 + c + z", "o"):
+        for data in variants + variants[::-1]:
+            X, names, _ = materialize.model_matrix(text, data)
+            want, want_names = formulaic_matrix(text, data)
+            assert names == want_names, (text, names, want_names)
+            np.testing.assert_array_equal(X, want)
+
+
+def test_repeated_fit_matches_first_fit():
+    """A second fit (specs and grouping factors from the caches) equals a fit with cold caches."""
+    from jreml._design import factors, materialize
+
+    df = jreml.datasets.load("machines")
+    formula = "score ~ Machine + (1 | Worker) + (1 | Worker:Machine)"
+    first = fit(formula, df)
+    again = fit(formula, df.copy())
+    materialize._CACHE.clear()
+    factors._CACHE.clear()
+    cold = fit(formula, df)
+    for result in (again, cold):
+        assert result.beta_names == first.beta_names
+        np.testing.assert_array_equal(np.asarray(result.X), np.asarray(first.X))
+        np.testing.assert_allclose(float(result.loglik), float(first.loglik), rtol=1e-12)
+        assert [t.levels for t in result.formula_info.terms] == [t.levels for t in first.formula_info.terms]
+    pd.testing.assert_frame_equal(again.varcorr, first.varcorr)
+
+
+def test_grouping_factor_cache():
+    from jreml._design.factors import dummy_matrix
+
+    df = design_frame()
+    one = dummy_matrix([df.f])
+    assert dummy_matrix([df.f.copy()]) is one
+    swapped = df.f.copy()
+    swapped.iloc[[0, 1]] = swapped.iloc[[1, 0]].to_numpy()
+    for columns in ([df.f], [swapped], [df.k], [df.k.astype(str)], [df.o], [df.k.astype(float)], [df.f, df.g], [df.c]):
+        got = dummy_matrix(columns)
+        want = DummyMatrix(*columns)
+        assert got.levels == want.levels
+        np.testing.assert_array_equal(np.asarray(got.codes), np.asarray(want.codes))
+        assert got.codes.dtype == want.codes.dtype
+    assert dummy_matrix([swapped]) is not one
+    with pytest.raises(ValueError, match="missing"):
+        dummy_matrix([df.f.where(df.index != 3)])
+
+
+def test_alias_check_fast_path_agrees_with_column_by_column_test():
+    from jreml._design.build import ALIAS_TOLERANCE, _drop_aliased
+
+    rng = np.random.default_rng(3)
+    X = np.column_stack([np.ones(30), rng.normal(size=(30, 3))])
+    assert _drop_aliased(X, tuple("abcd"))[1] == tuple("abcd")
+    # Nearly aliased columns, on both sides of the tolerance: the column-by-column test decides.
+    direction = rng.normal(size=30)
+    direction -= X @ np.linalg.lstsq(X, direction, rcond=None)[0]
+    direction /= np.linalg.norm(direction)
+    for scale, kept in ((100 * ALIAS_TOLERANCE, True), (0.01 * ALIAS_TOLERANCE, False)):
+        column = X[:, 1] + X[:, 2]
+        near = np.column_stack([X, column + scale * np.linalg.norm(column) * direction])
+        if kept:
+            assert _drop_aliased(near, tuple("abcde"))[1] == tuple("abcde")
+        else:
+            with pytest.warns(UserWarning, match="'e'"):
+                assert _drop_aliased(near, tuple("abcde"))[1] == tuple("abcd")

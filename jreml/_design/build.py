@@ -12,7 +12,9 @@ import pandas as pd
 from .._covariance.base import AbstractCovariance
 from .._covariance.basic import FixedMatrix, IdentityMatrix, ScalarMatrix, UnstructuredMatrix
 from .._covariance.compose import CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
+from .factors import dummy_matrix
 from .formula import FormulaError, ParsedFormula, RandomSpec, parse_formula
+from .materialize import model_matrix
 
 #: A column is aliased when its residual on the earlier columns is below this fraction of its norm.
 ALIAS_TOLERANCE = 1e-7
@@ -34,6 +36,8 @@ class Design:
     fixed_names: tuple[str, ...] = ()
     #: per ``formula.random`` entry: (ModelSpec of its ``expr``, column labels).
     random_specs: tuple = field(default=())
+    #: random term name (``model``'s terms, after ``(x || g)`` expansion) → its factor's levels, in û's order.
+    random_levels: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _column_name(name: str) -> str:
@@ -50,59 +54,25 @@ def _variables(text: str, what: str, formula: str) -> frozenset[str]:
         raise FormulaError(f"cannot parse the {what} {text!r} of formula {formula!r}: {err}") from err
 
 
-#: ModelSpecs by (expression, data signature): re-materialising with a spec skips formulaic's parsing and
-#: planning (about half of ``model_matrix``'s time). Only for expressions without calls (``C(x)``, ``center(x)``,
-#: ...: stateful transforms keep data-dependent state) and keyed on every used column's dtype and, for
-#: non-numeric columns, its values in order of appearance (the categorical encoding depends on them).
-_SPECS: dict = {}
-_SPEC_LIMIT = 256
-
-
-def _signature(text: str, data: pd.DataFrame):
-    """The cache key of ``text`` on ``data``, or None where a cached ModelSpec could encode differently."""
-    if "(" in text or "`" in text:
-        return None
-    try:
-        variables = _variables(text, "expression", text)
-    except FormulaError:
-        return None
-    parts = []
-    for name in sorted(variables):
-        if name not in data.columns:
-            return None
-        column = data[name]
-        dtype = column.dtype
-        if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype):
-            parts.append((name, str(dtype), None))
-        else:
-            categories = tuple(dtype.categories) if isinstance(dtype, pd.CategoricalDtype) else None
-            parts.append((name, str(dtype), categories, tuple(pd.unique(column))))
-    return (text, tuple(parts))
-
-
 def _matrix(text: str, data: pd.DataFrame, what: str, formula: str):
-    """(matrix, column names, ModelSpec) of ``text`` on ``data``, with formulaic."""
-    from formulaic import model_matrix
-
+    """(matrix, column names, ModelSpec) of ``text`` on ``data``, with formulaic (cached: see ``materialize``)."""
     try:
-        key = _signature(text, data)
-        spec = _SPECS.get(key) if key is not None else None
-        if spec is not None:
-            mm = spec.get_model_matrix(data, na_action="raise")
-        else:
-            mm = model_matrix(text, data, na_action="raise", ensure_full_rank=True)
-            if key is not None:
-                if len(_SPECS) >= _SPEC_LIMIT:
-                    _SPECS.clear()
-                _SPECS[key] = mm.model_spec
+        X, names, spec = model_matrix(text, data)
     except Exception as err:
         raise FormulaError(f"cannot build the {what} {text!r} of formula {formula!r}: {err}") from err
-    names = tuple(_column_name(str(c)) for c in mm.columns)
-    return np.asarray(mm, dtype=float).reshape(len(data), len(names)), names, mm.model_spec
+    return X, tuple(_column_name(c) for c in names), spec
 
 
 def _drop_aliased(X: np.ndarray, names: tuple[str, ...]) -> tuple[np.ndarray, tuple[str, ...]]:
     """Drop columns that are (numerically) linear combinations of earlier ones, as lm/lmer do, with a warning."""
+    # Fast path for the usual full-rank X: |R_jj| of a QR is column j's residual on the columns before it, so
+    # when every one clears the tolerance with a wide margin (far beyond rounding), the column-by-column
+    # least-squares test below would keep every column.
+    norms = np.linalg.norm(X, axis=0)
+    if X.shape[0] >= X.shape[1] > 1 and np.all(norms > 0.0):
+        R = np.linalg.qr(X, mode="r")
+        if np.all(np.abs(np.diagonal(R)) > 1e3 * ALIAS_TOLERANCE * norms):
+            return X, names
     keep: list[int] = []
     for j in range(X.shape[1]):
         col = X[:, j]
@@ -221,11 +191,12 @@ def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, for
     unused = set(relmat) - {spec.group for spec, _, _ in expanded}
     if unused:
         raise ValueError(f"relmat given for {sorted(unused)}, which is not a grouping factor of {formula!r}")
-    terms = []
+    terms, levels = [], {}
     for (spec, M, labels), name in zip(expanded, names, strict=True):
-        factor = DummyMatrix(*(data[f] for f in spec.factors))
+        factor = dummy_matrix([data[f] for f in spec.factors])
         if factor.n_levels < 2:
             raise ValueError(f"grouping factor {spec.group!r} has only {factor.n_levels} level: it needs at least 2")
+        levels[name] = factor.levels
         intercept_only = labels == ("(Intercept)",)
         if spec.group in relmat:
             if not intercept_only:
@@ -236,7 +207,7 @@ def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, for
             terms.append(CovariancePropagation(factor, ScalarMatrix(factor.n_levels), name=name))
         else:
             terms.append(_slope_term(M, labels, factor, name))
-    return terms, tuple(model_specs)
+    return terms, tuple(model_specs), levels
 
 
 def _complete_rows(data: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -275,6 +246,6 @@ def build_design(formula: str, data: pd.DataFrame, relmat: dict | None = None) -
     y = _response(parsed, kept)
     X_full, full_names, fixed_spec = _matrix(parsed.fixed, kept, "fixed part", text)
     X, names = _drop_aliased(X_full, full_names)
-    terms, random_specs = _random_terms(list(parsed.random), kept, relmat, text)
+    terms, random_specs, random_levels = _random_terms(list(parsed.random), kept, relmat, text)
     model = Sum(*terms, ScalarMatrix(len(kept), name="Residual"))
-    return Design(parsed, y, X, names, model, n_dropped, kept, fixed_spec, full_names, random_specs)
+    return Design(parsed, y, X, names, model, n_dropped, kept, fixed_spec, full_names, random_specs, random_levels)
