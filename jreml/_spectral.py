@@ -7,12 +7,15 @@ d = σ²_k·λ + σ²_e, so each log-likelihood evaluation costs O(n·p²) inste
 
 σ²_e is profiled out (σ²_e = Q/(n−p), FaST-LMM/GEMMA style) and the fit is a Newton iteration on the single
 τ = log(σ²_k/σ²_e) inside one ``lax.while_loop``: exact first and second derivatives of the 1-D profiled
-log-likelihood, step-halving, a start at the best point of a fixed grid of τ, and the bounds / singular threshold of
-:func:`jreml.estimate` (a step towards σ²_k → 0 that Newton on δ puts past the threshold goes straight to the
-bound). Each step costs three weighted n-sums. At the optimum the variances, β, the log-likelihood, the full
-two-parameter average information (for ``vcov_theta``) and the h² delta-method SE are computed as before. It is
-written for one response and ``jax.vmap``-ed over responses; every response converges in a few iterations, so a
-vmapped chunk is not held up by a slow one.
+log-likelihood, step-halving, and the bounds / singular threshold of :func:`jreml.estimate` (a step towards σ²_k → 0
+that Newton on δ puts past the threshold goes straight to the bound). Each step costs three weighted n-sums. The
+profiled curve can be bimodal (a mode at σ²_k → 0 and a narrow interior one), so Newton starts at the best point of a
+fine grid of τ (scaled to K's eigenvalues, evaluated for all responses at once) and, in the same loop, runs again
+from the best other mode of the grid on either side, if any; the highest end point is kept. At the optimum the
+variances, β, the log-likelihood, the full two-parameter average information (for ``vcov_theta``) and the h²
+delta-method SE are computed as before. It is written for one response and ``jax.vmap``-ed over responses; every
+response converges in a few iterations (a few more for the rare bimodal one), so a vmapped chunk is not held up by a
+slow one.
 
 Kernels recognised (one of them plus a ``ScalarMatrix`` residual, in either order): ``FixedMatrix(K)``,
 ``ScalarMatrix`` (a second iid term), and ``CovariancePropagation(Z, G)`` with a parameter-free Z (a
@@ -261,8 +264,17 @@ def _score_and_ai(theta, yt, Xt, lam, opts: _Options, ev: _Eval):
 #: to rounding, so σ²_e is not driven further down (the fit is reported singular).
 LOG_RATIO_BOUND = -math.log(BOUNDARY_RELATIVE_VARIANCE)
 LOG_RATIO_SNAP = -math.log(SINGULAR_RELATIVE_VARIANCE)
-#: Start: the best of these log δ (and the two bounds), evaluated for all responses at once.
-START_GRID = (-12.0, -9.0, -6.0, -4.5, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 12.0)
+#: Start grid: START_POINTS values of log δ evenly spaced from START_MARGIN below −log λ_max to START_MARGIN above
+#: −log λ_min (λ_min: the smallest eigenvalue above START_RELATIVE_EIGENVALUE·λ_max), clipped to the bounds, and
+#: the two bounds; evaluated for all responses at once (the weights are shared). The profiled log-likelihood changes
+#: shape only where δ·λ_i ~ 1 for some eigenvalue (each eigenvalue's terms vary with log δ on a scale of about 1);
+#: beyond that range it is a smooth function of δ (or 1/δ) near 0 that Newton follows from the grid's end. The
+#: curve can be bimodal (an interior mode and one at σ²_k → 0, or at σ²_e → 0), with modes as narrow as ~0.5 in
+#: log δ, so the grid is fine (spacing ≈ 0.15 for a kinship) and Newton runs from up to three starts: the best grid
+#: point and, on each side of it, the best grid point that a dip separates from it (see ``_starts``).
+START_POINTS = 128
+START_MARGIN = 6.0
+START_RELATIVE_EIGENVALUE = 1e-8
 #: Longest Newton step on log δ.
 MAX_RATIO_STEP = 3.0
 
@@ -349,8 +361,50 @@ class _State(NamedTuple):
     g: Array
     h: Array
     length: Array  # step-length factor (halved after a rejected step)
-    n_iter: Array
-    status: Array
+    it: Array  # iterations of the current run
+    status: Array  # of the current run
+    k: Array  # the current run's start (an index into the starts; len(starts) once the last run has ended)
+    n_iter: Array  # iterations of all runs
+    best_tau: Array  # the best ended run so far
+    best_f: Array
+    best_status: Array
+
+
+#: A grid point is a separate mode when it is higher, by this many ulps of the log-likelihood, than the lowest grid
+#: point between it and the best one (and a run from another start must beat the first by as much to replace it).
+DIP_TOLERANCE = 1e4
+
+
+def _start_grid(lam, lo, hi):
+    """The log δ of the start grid (START_POINTS + 2 points, increasing) for the kernel eigenvalues ``lam``."""
+    lam_max = jnp.max(lam)
+    lam_max = jnp.where(lam_max > 0, lam_max, 1.0)
+    lam_min = jnp.min(jnp.where(lam > START_RELATIVE_EIGENVALUE * lam_max, lam, lam_max))
+    a = jnp.clip(-jnp.log(lam_max) - START_MARGIN, lo, hi)
+    b = jnp.clip(-jnp.log(lam_min) + START_MARGIN, lo, hi)
+    inner = a + (b - a) * jnp.linspace(0.0, 1.0, START_POINTS, dtype=lam.dtype)
+    return jnp.concatenate([jnp.asarray([lo], lam.dtype), inner, jnp.asarray([hi], lam.dtype)])
+
+
+def _starts(f):
+    """Three Newton starts on a grid of profiled log-likelihoods ``f``: the best point and, on each side of it, the
+    best point higher (by DIP_TOLERANCE ulps) than the lowest point between the two, i.e. the best other mode on that
+    side. Returns their indices and whether each is one (the best point's index where there is none)."""
+    i = jnp.argmax(f)
+    idx = jnp.arange(f.shape[0])
+    inf = jnp.asarray(jnp.inf, f.dtype)
+    # lowest point between the best one and each point (both included)
+    valley_right = jax.lax.cummin(jnp.where(idx >= i, f, inf))
+    valley_left = jax.lax.cummin(jnp.where(idx <= i, f, inf), reverse=True)
+    tol = DIP_TOLERANCE * jnp.finfo(f.dtype).eps * (1.0 + jnp.abs(f[i]))
+    right = (idx > i) & (f > valley_right + tol)
+    left = (idx < i) & (f > valley_left + tol)
+
+    def best(mask):
+        return jnp.where(jnp.any(mask), jnp.argmax(jnp.where(mask, f, -inf)), i)
+
+    left_i, right_i = best(left), best(right)
+    return jnp.stack([i, left_i, right_i]), jnp.stack([jnp.asarray(True), jnp.any(left), jnp.any(right)])
 
 
 def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
@@ -376,27 +430,49 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
     def jet(tau):
         return _jet(tau, mom, n, p, opts.reml)
 
-    # start: the best point of a fixed grid (its weights and X moments are shared by all responses)
-    grid = jnp.asarray((lo, *START_GRID, hi), dtype)
+    # starts: the best point of the grid and the best other mode on each side (the grid's weights and X moments
+    # are shared by all responses)
+    grid = _start_grid(lam, lo, hi)
     dl = jnp.exp(grid)[:, None] * lam[None, :]
     Wg = 1.0 / (dl + 1.0)
     f_grid, _ = jax.vmap(lambda C, b, yy, sld: _profiled(C, b, yy, sld, n, p, opts.reml))(
         jnp.einsum("gn,nab->gab", Wg, mom.XX), Wg @ mom.Xr, Wg @ mom.r2, jnp.sum(jnp.log1p(dl), axis=1)
     )
     f_grid = jnp.where(jnp.isnan(f_grid), -jnp.inf, f_grid)
-    tau0 = grid[jnp.argmax(f_grid)]
-    f0, g0, h0 = jet(tau0)
+    starts, valid = _starts(f_grid)
+    tau_starts = grid[starts]
+    n_starts = tau_starts.shape[0]
     one = jnp.ones((), dtype)
-    init = _State(tau0, f0, g0, h0, one, jnp.asarray(0), jnp.where(jnp.isfinite(f0), RUNNING, STALLED))
+    zero_i = jnp.asarray(0)
+    tau0 = tau_starts[0]
+    f0, g0, h0 = jet(tau0)
+    status0 = jnp.where(jnp.isfinite(f0), RUNNING, STALLED)
+    init = _State(tau0, f0, g0, h0, one, zero_i, status0, zero_i, zero_i, tau0, -jnp.inf * one, status0)
+
+    def end_run(st: _State) -> _State:
+        """Fold a run that has just ended into the best one (which a later run replaces only if clearly higher:
+        among equal modes the first start's is kept) and move on to the next start that is a separate mode."""
+        best_f = jnp.where(jnp.isfinite(st.best_f), st.best_f, -jnp.inf)
+        margin = jnp.where(jnp.isfinite(best_f), DIP_TOLERANCE * jnp.finfo(dtype).eps * (1.0 + jnp.abs(best_f)), 0.0)
+        better = (st.k == 0) | (st.f > best_f + margin)
+        later = valid & (jnp.arange(n_starts) > st.k)
+        return st._replace(
+            k=jnp.where(jnp.any(later), jnp.argmax(later), n_starts),
+            best_tau=jnp.where(better, st.tau, st.best_tau),
+            best_f=jnp.where(better, st.f, st.best_f),
+            best_status=jnp.where(better, st.status, st.best_status),
+        )
 
     def free_gradient(tau, g):
         held = ((tau <= lo) & (g < 0)) | ((tau >= hi) & (g > 0))
         return jnp.where(held, 0.0, g)
 
     def cond(st: _State):
-        return st.status == RUNNING
+        return (st.status == RUNNING) | (st.k < n_starts)
 
     def body(st: _State):
+        # a run that has ended (the loop goes on for another start): this iteration evaluates that start
+        fresh = st.status != RUNNING
         tau, g, h = st.tau, st.g, st.h
         newton = jnp.where(h < 0, -g / jnp.where(h < 0, h, -1.0), jnp.sign(g) * MAX_RATIO_STEP)
         step = jnp.clip(newton, -MAX_RATIO_STEP, MAX_RATIO_STEP)
@@ -410,28 +486,33 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
         to_hi = (g > 0) & (c_hi < 0) & (1.0 + g / jnp.where(c_hi < 0, c_hi, -1.0) <= jnp.exp(tau - LOG_RATIO_SNAP))
         cand = jnp.where(first & to_lo, lo, jnp.where(first & to_hi, hi, cand))
         cand = jnp.clip(cand, lo, hi)
+        cand = jnp.where(fresh, tau_starts[jnp.minimum(st.k, n_starts - 1)], cand)
         f_c, g_c, h_c = jet(cand)
-        accepted = f_c >= st.f - rounding * (1.0 + jnp.abs(st.f))
-        new = _State(
-            jnp.where(accepted, cand, tau),
-            jnp.where(accepted, f_c, st.f),
-            jnp.where(accepted, g_c, g),
-            jnp.where(accepted, h_c, h),
-            jnp.where(accepted, one, 0.5 * st.length),
-            st.n_iter + 1,
-            st.status,
+        accepted = fresh | (f_c >= st.f - rounding * (1.0 + jnp.abs(st.f)))
+        new = st._replace(
+            tau=jnp.where(accepted, cand, tau),
+            f=jnp.where(accepted, f_c, st.f),
+            g=jnp.where(accepted, g_c, g),
+            h=jnp.where(accepted, h_c, h),
+            length=jnp.where(accepted, one, 0.5 * st.length),
+            it=jnp.where(fresh, 0, st.it + 1),
+            n_iter=st.n_iter + 1,
         )
         score_ok = jnp.abs(free_gradient(new.tau, new.g)) < tol_score
         delta_ok = jnp.abs(cand - tau) < tol_delta
         loglik_ok = jnp.abs(f_c - st.f) < tol_loglik
-        done = accepted & score_ok & delta_ok & loglik_ok & (new.n_iter >= opts.min_iter)
+        done = accepted & score_ok & delta_ok & loglik_ok & (new.it >= opts.min_iter)
         status = jnp.where(done, CONVERGED, RUNNING)
         gave_up = ~accepted & (new.length < 0.5**opts.max_halvings)
         status = jnp.where(gave_up, jnp.where(score_ok, CONVERGED, STALLED), status)
-        status = jnp.where((status == RUNNING) & (new.n_iter >= opts.max_iter), MAX_ITER, status)
-        return new._replace(status=status)
+        status = jnp.where((status == RUNNING) & (new.it >= opts.max_iter), MAX_ITER, status)
+        status = jnp.where(fresh, jnp.where(jnp.isfinite(f_c), RUNNING, STALLED), status)
+        new = new._replace(status=status)
+        return jax.lax.cond(status != RUNNING, end_run, lambda s: s, new)
 
+    init = jax.lax.cond(init.status != RUNNING, end_run, lambda s: s, init)
     st = jax.lax.while_loop(cond, body, init)
+    st = st._replace(tau=st.best_tau, f=st.best_f, status=st.best_status)
     # the variances at the optimum: σ²_e = Q/(n − p) (Q/n for ML), σ²_k = δ·σ²_e; a variance at its bound is set
     # to ``estimate``'s bound; then the full two-parameter evaluation, score and average information
     delta = jnp.exp(st.tau)
