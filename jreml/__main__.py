@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -193,7 +194,19 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _single_threaded_lapack() -> None:
+    """One OpenBLAS thread for jaxlib's LAPACK calls unless the user chose otherwise.
+
+    jaxlib's CPU Cholesky and triangular solves call SciPy's OpenBLAS, which spin-waits on its worker threads: on
+    a loaded machine a small fit became ~30× slower with two threads. A command-line fit is small and single
+    shot, so one thread is the safe choice. OpenBLAS reads the variable when SciPy loads it, which happens at
+    the first LAPACK call, i.e. after this.
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv=None) -> int:
+    _single_threaded_lapack()
     parser = _Parser(prog="jreml", description="REML/ML fits of linear mixed models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fit = sub.add_parser("fit", help="fit an lme4-style formula to a CSV file or a bundled data set")
