@@ -1,6 +1,7 @@
 """Parametric bootstrap: the vmapped refits equal a slow loop of separate estimate fits."""
 
 import numpy as np
+import pytest
 
 import jreml
 from jreml._bootstrap import bootstrap, simulate
@@ -28,3 +29,36 @@ def test_sleepstudy_bootstrap_matches_loop():
     np.testing.assert_allclose(ci.estimate.to_numpy()[-2:], np.asarray(fit.beta))
     # replicates of a correctly specified model scatter around the estimate
     assert abs(frame.beta1.mean() - float(fit.beta[1])) < 3 * float(fit.se_beta[1])
+
+
+def test_singular_replicates_converge_like_separate_fits():
+    """Replicates 42 and 44 (seed 0) have a singular optimum (intercept-slope correlation ±1). Each used to stop
+    at max_iter: the vanishing variance's huge step shrank every other parameter's step to nothing."""
+    ex = jreml.example("sleepstudy")
+    fit = jreml.estimate(ex.model, ex.y, ex.X)
+    boot = bootstrap(fit, 48, seed=0)
+    assert boot.converged.all() and boot.n_iter.max() < 30
+    Ystar = np.asarray(simulate(fit, 48, seed=0))
+    for i in (42, 44):
+        single = jreml.estimate(ex.model, Ystar[i], ex.X, fit.theta)
+        other_start = jreml.estimate(ex.model, Ystar[i], ex.X)  # the default start reaches the same optimum
+        for f in (single, other_start):
+            assert bool(f.converged) and bool(f.singular)
+            np.testing.assert_allclose(float(f.loglik), boot.loglik[i], rtol=0, atol=1e-8)
+        np.testing.assert_allclose(boot.params[i], np.asarray(single.natural_params), rtol=1e-7, atol=1e-9)
+        var0, cov, var1 = boot.params[i, :3]
+        np.testing.assert_allclose(abs(cov) / np.sqrt(var0 * var1), 1.0, atol=1e-6)
+
+
+def test_chunk_size_does_not_change_the_refits():
+    ex = jreml.example("sleepstudy")
+    fit = jreml.estimate(ex.model, ex.y, ex.X)
+    auto = bootstrap(fit, 20, seed=1)
+    for chunk_size in (7, None):
+        other = bootstrap(fit, 20, seed=1, chunk_size=chunk_size)
+        np.testing.assert_allclose(other.loglik, auto.loglik, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(other.params, auto.params, rtol=1e-9)
+        np.testing.assert_array_equal(other.n_iter, auto.n_iter)
+    for bad in (0, "fast"):
+        with pytest.raises(ValueError, match="chunk_size"):
+            bootstrap(fit, 5, chunk_size=bad)

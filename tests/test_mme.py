@@ -9,10 +9,19 @@ import numpy as np
 import pytest
 
 import jreml
-from jreml._backends.mme import mme_core, mme_evaluate, mme_structure, prepare
+from jreml._backends.mme import block_layout, mme_core, mme_evaluate, mme_structure, prepare
 from jreml._estimate import _resolve_backend
 from jreml._likelihood import core, derivatives_at
-from jreml.covariance import CovariancePropagation, DummyMatrix, FixedMatrix, ScalarMatrix, UnstructuredMatrix
+from jreml.covariance import (
+    CovariancePropagation,
+    DiagonalMatrix,
+    DummyMatrix,
+    FixedMatrix,
+    IdentityMatrix,
+    KroneckerProduct,
+    ScalarMatrix,
+    UnstructuredMatrix,
+)
 
 EXAMPLES = ["dyestuff", "sleepstudy", "penicillin", "machines", "john_alpha"]
 RTOL = 1e-10
@@ -224,3 +233,69 @@ def test_gradient_through_fit_matches_dense():
     g_mme = jax.grad(objective)(y, "mme")
     g_dense = jax.grad(objective)(y, "dense")
     np.testing.assert_allclose(float(g_mme @ direction), float(g_dense @ direction), rtol=1e-7)
+
+
+def _grouped(n, m, b, seed, overlap=False):
+    """y, X and the model Σ Z(I_m ⊗ B)Zᵀ + σ²I with b random effects (intercept, covariates) per group.
+
+    ``overlap``: every observation also loads on the next group's effects (ZᵀZ is not block diagonal).
+    """
+    rng = np.random.default_rng(seed)
+    groups = np.arange(n) % m
+    covariates = np.column_stack([np.ones(n), rng.normal(size=(n, b - 1))])
+    Z = np.zeros((n, m * b))
+    for j in range(b):
+        Z[np.arange(n), b * groups + j] = covariates[:, j]
+        if overlap:
+            Z[np.arange(n), b * ((groups + 1) % m) + j] = 0.5 * covariates[:, j]
+    G = KroneckerProduct(IdentityMatrix(m), UnstructuredMatrix(b))
+    model = CovariancePropagation(Z, G) + ScalarMatrix(n)
+    X = jnp.asarray(np.column_stack([np.ones(n), rng.normal(size=n)]))
+    y = jnp.asarray(X @ np.array([1.0, 2.0]) + Z @ rng.normal(size=m * b) + rng.normal(size=n))
+    return model, y, X
+
+
+def _models_with_a_block_layout():
+    n, m = 60, 10
+    dummy = DummyMatrix(np.arange(n) % m)
+    diagonal = CovariancePropagation(dummy, DiagonalMatrix(m)) + ScalarMatrix(n)
+    X = jnp.ones((n, 1))
+    y = jnp.asarray(np.random.default_rng(4).normal(size=n) + np.arange(n) % m)
+    return {
+        "b=3": (*_grouped(n, m, 3, 1), (m, 3), True),
+        "overlapping groups": (*_grouped(n, m, 2, 2, overlap=True), (m, 2), False),
+        "diagonal G": (diagonal, y, X, (m, 1), True),
+    }
+
+
+@pytest.mark.parametrize("name", ["sleepstudy", "dyestuff", "penicillin", "machines"])
+def test_block_layout_of_the_examples(name):
+    model, y, X = example(name)
+    structure = mme_structure(model)
+    data = prepare(structure, y, X)
+    layout = {"sleepstudy": (18, 2), "dyestuff": (6, 1)}.get(name)
+    assert block_layout(structure) == layout
+    if layout is None:  # several random terms: the dense q×q path only
+        assert data.blocks is None
+    else:
+        assert bool(data.blocks.diagonal)
+        assert data.blocks.ztz.shape == (layout[0], layout[1], layout[1])
+
+
+@pytest.mark.parametrize("case", ["b=3", "overlapping groups", "diagonal G"])
+def test_block_path_and_its_fallback_match_dense(case):
+    """Block-diagonal A (m b×b problems) where ZᵀZ is block diagonal, the dense q×q path where it is not."""
+    model, y, X, layout, diagonal = _models_with_a_block_layout()[case]
+    structure = mme_structure(model)
+    assert block_layout(structure) == layout
+    assert bool(prepare(structure, y, X).blocks.diagonal) == diagonal
+    k = model.num_free_params
+    for theta in (model.default_theta(jnp.var(y)), 0.4 * jnp.sin(jnp.arange(1.0, k + 1.0))):
+        out = both_paths(theta, y, X, model, True, ("ai", "observed"))
+        assert bool(out.pop("ok")[1])
+        for key, (dense, mme) in out.items():
+            assert_close(mme, dense, rtol=1e-9, atol=1e-9 * y.shape[0] if key.startswith("score") else 0.0)
+    fit = jreml.estimate(model, y, X, throw=False)
+    dense = jreml.estimate(model, y, X, backend="dense", throw=False)
+    assert int(fit.status) == int(dense.status)
+    np.testing.assert_allclose(float(fit.loglik), float(dense.loglik), rtol=1e-11)

@@ -16,6 +16,15 @@ mode on q-vectors and applies M = P (REML) or V⁻¹ (ML) by the Woodbury solve 
 the observed information is −``jax.hessian`` of the log-likelihood. Fisher information is left to the
 dense path.
 
+Block-diagonal fast path: with a single random term whose G is I_m ⊗ B (b×b, b ≤ ``MAX_BLOCK``) or a
+scalar / diagonal / identity matrix (b = 1), Λ = blockdiag(Λ_g), and when in addition ZᵀZ has no entries
+outside its m diagonal b×b blocks (every observation belongs to one group: ``(x | g)`` terms), A is block
+diagonal too. Then A's factorisation, log-determinant and solves are m independent b×b problems, unrolled into
+elementwise operations: O(m·b³) instead of O(q³), also for the score (reverse mode) and the observed
+information. Whether ZᵀZ is block diagonal depends on Z's values, which are traced inside ``jit``: ``prepare``
+tests it and ``mme_core`` / ``mme_evaluate`` pick the path with ``lax.cond`` (a real branch whenever Z is not
+batched, e.g. under ``vmap`` over y). Both paths compute the same function of θ.
+
 Recognised models (``mme_structure``): a top-level ``Sum`` of ``CovariancePropagation`` terms whose Z is a
 ``DummyMatrix`` or a ``ConstantMatrix`` and whose G is built from ``ScalarMatrix``, ``DiagonalMatrix``,
 ``UnstructuredMatrix``, ``IdentityMatrix`` and ``KroneckerProduct`` (so that its Cholesky factor is known in
@@ -118,6 +127,30 @@ class Prepared(NamedTuple):
     b0: Float[Array, " p"]
     y0: Float[Array, " n"]
     zty0: Float[Array, " q"]
+    blocks: Blocks | None = None  # for models with a block layout (``block_layout``)
+
+
+class Blocks(NamedTuple):
+    """ZᵀZ's m diagonal b×b blocks, and whether it has nothing else (then A is block diagonal)."""
+
+    ztz: Float[Array, "m b b"]
+    diagonal: Bool[Array, ""]
+
+
+#: Largest block of Λ (random effects per group) that the block-diagonal path unrolls.
+MAX_BLOCK = 8
+
+
+def block_layout(structure: Structure) -> tuple[int, int] | None:
+    """(m, b) when Λ is block diagonal with m blocks of size b (a single term, G = I_m ⊗ B or diagonal)."""
+    if len(structure.terms) != 1:
+        return None
+    G = structure.terms[0].G
+    if isinstance(G, ScalarMatrix | DiagonalMatrix | IdentityMatrix):
+        return G.shape[0], 1
+    if isinstance(G, KroneckerProduct) and isinstance(G.A, IdentityMatrix) and G.B.shape[0] <= MAX_BLOCK:
+        return G.A.n, G.B.shape[0]
+    return None
 
 
 def prepare(structure: Structure, y, X) -> Prepared:
@@ -128,7 +161,16 @@ def prepare(structure: Structure, y, X) -> Prepared:
     chol_xtx, _ = _cholesky(0.5 * (xtx + xtx.T))
     b0 = cho_solve((chol_xtx, True), X.T @ y)
     y0 = y - X @ b0
-    return Prepared(Z, Z.T @ Z, Z.T @ X, b0, y0, Z.T @ y0)
+    ztz = Z.T @ Z
+    layout = block_layout(structure)
+    blocks = None
+    if layout is not None:
+        m, b = layout
+        grid = ztz.reshape(m, b, m, b)
+        groups = jnp.arange(m)
+        outside = jnp.where(jnp.eye(m, dtype=bool)[:, None, :, None], 0.0, grid)
+        blocks = Blocks(grid[groups, :, groups, :], jnp.all(outside == 0.0))
+    return Prepared(Z, ztz, Z.T @ X, b0, y0, Z.T @ y0, blocks)
 
 
 class MMECore(NamedTuple):
@@ -159,18 +201,118 @@ def _v_inv(c: MMECore, data: Prepared, U, zt_u):
     return (U - data.Z @ inner) / c.sigma2
 
 
-def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepared | None = None) -> MMECore:
-    """ℓ, β̂, Py (and XᵀV⁻¹X's factor) at θ through the q×q mixed-model equations; same values as ``core``."""
-    if data is None:
-        data = prepare(structure, y, X)
-    n, p = X.shape
+def _dense_solver(theta, structure: Structure, data: Prepared):
+    """σ², Λ, chol(A), ok, log|A| and zᵀ ↦ Λ A⁻¹ Λᵀ z / σ² through the dense q×q factorisation."""
     sigma2 = _sigma2(theta, structure)
     lam = _lambda(theta, structure)
     a = lam.T @ data.ztz @ lam / sigma2 + jnp.eye(structure.q, dtype=theta.dtype)
     chol_a, ok_a = _cholesky(0.5 * (a + a.T))
-    c = MMECore(ok_a, sigma2, lam, chol_a, None, None, None, None, None)
+
+    def inner(zt_u):
+        return lam @ cho_solve((chol_a, True), lam.T @ zt_u) / sigma2
+
+    return sigma2, lam, chol_a, ok_a, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_a))), inner
+
+
+def _block_factor(G, theta, m: int):
+    """Λ's diagonal blocks (m or 1 (shared), b, b) for a ``block_layout`` G."""
+    if isinstance(G, KroneckerProduct):  # I_m ⊗ B: the identity has no parameters
+        return _factor(G.B, G.split(theta)[1])[None]
+    if isinstance(G, ScalarMatrix):
+        return jnp.sqrt(G.transform.forward(theta[0])).reshape(1, 1, 1)
+    if isinstance(G, DiagonalMatrix):
+        return jnp.sqrt(G.transform.forward(theta)).reshape(m, 1, 1)
+    return jnp.ones((1, 1, 1), theta.dtype)  # IdentityMatrix
+
+
+def _small_cholesky(a):
+    """Lower Cholesky factors of a stack (..., b, b) of small SPD matrices, unrolled into elementwise operations
+    (NaN where a matrix is not positive definite)."""
+    b = a.shape[-1]
+    factor = [[None] * b for _ in range(b)]
+    for j in range(b):
+        d = jnp.sqrt(a[..., j, j] - sum((factor[j][k] ** 2 for k in range(j)), 0.0))
+        factor[j][j] = d
+        for i in range(j + 1, b):
+            factor[i][j] = (a[..., i, j] - sum((factor[i][k] * factor[j][k] for k in range(j)), 0.0)) / d
+    zero = jnp.zeros_like(a[..., 0, 0])
+    rows = [jnp.stack([factor[i][j] if j <= i else zero for j in range(b)], axis=-1) for i in range(b)]
+    return jnp.stack(rows, axis=-2)
+
+
+def _small_cho_solve(chol, rhs):
+    """(L Lᵀ)⁻¹·rhs for stacks of small lower-triangular L (..., b, b) and rhs (..., b, r), unrolled."""
+    b = chol.shape[-1]
+    forward = []
+    for i in range(b):
+        s = rhs[..., i, :] - sum((chol[..., i, k, None] * forward[k] for k in range(i)), 0.0)
+        forward.append(s / chol[..., i, i, None])
+    back = [None] * b
+    for i in reversed(range(b)):
+        s = forward[i] - sum((chol[..., k, i, None] * back[k] for k in range(i + 1, b)), 0.0)
+        back[i] = s / chol[..., i, i, None]
+    return jnp.stack(back, axis=-2)
+
+
+def _dense_blocks(blocks, m: int):
+    """blockdiag of a stack (m, b, b) as a dense (m·b)×(m·b) matrix."""
+    b = blocks.shape[-1]
+    eye = jnp.eye(m, dtype=blocks.dtype)
+    return jnp.einsum("gij,gh->gihj", blocks, eye).reshape(m * b, m * b)
+
+
+def _block_solver(theta, structure: Structure, data: Prepared):
+    """``_dense_solver``'s quantities when ZᵀZ and Λ are block diagonal: m independent b×b problems."""
+    m, b = block_layout(structure)
+    term = structure.terms[0]
+    sigma2 = _sigma2(theta, structure)
+    lam = jnp.broadcast_to(_block_factor(term.G, theta[term.offset : term.offset + term.size], m), (m, b, b))
+    a = jnp.einsum("gji,gjk,gkl->gil", lam, data.blocks.ztz, lam) / sigma2 + jnp.eye(b, dtype=theta.dtype)
+    chol = _small_cholesky(0.5 * (a + jnp.swapaxes(a, -1, -2)))
+    ok_a = jnp.all(jnp.isfinite(chol))
+    chol = jnp.where(ok_a, chol, jnp.eye(b, dtype=theta.dtype))
+    logdet_a = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
+
+    def inner(zt_u):
+        zt_u = zt_u.reshape(m, b, -1)
+        solved = _small_cho_solve(chol, jnp.einsum("gji,gjr->gir", lam, zt_u))
+        return jnp.einsum("gij,gjr->gir", lam, solved).reshape(m * b, -1) / sigma2
+
+    return sigma2, _dense_blocks(lam, m), _dense_blocks(chol, m), ok_a, logdet_a, inner
+
+
+def _use_blocks(data: Prepared):
+    """The predicate of the block-diagonal path, or None when the model has no block layout."""
+    return None if data.blocks is None else data.blocks.diagonal
+
+
+def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepared | None = None) -> MMECore:
+    """ℓ, β̂, Py (and XᵀV⁻¹X's factor) at θ through the q×q mixed-model equations; same values as ``core``."""
+    if data is None:
+        data = prepare(structure, y, X)
+    use_blocks = _use_blocks(data)
+    if use_blocks is None:
+        return _core(theta, y, X, structure, reml, data, block=False)
+    return jax.lax.cond(
+        use_blocks,
+        lambda t: _core(t, y, X, structure, reml, data, block=True),
+        lambda t: _core(t, y, X, structure, reml, data, block=False),
+        theta,
+    )
+
+
+def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, *, block: bool) -> MMECore:
+    c, _ = _core_and_inner(theta, y, X, structure, reml, data, block=block)
+    return c
+
+
+def _core_and_inner(theta, y, X, structure: Structure, reml: bool, data: Prepared, *, block: bool):
+    n, p = X.shape
+    solver = _block_solver if block else _dense_solver
+    sigma2, lam, chol_a, ok_a, logdet_a, inner = solver(theta, structure, data)
     W = jnp.concatenate([X, data.y0[:, None]], axis=1)
-    v_inv_w = _v_inv(c, data, W, jnp.concatenate([data.ztx, data.zty0[:, None]], axis=1))
+    zt_w = jnp.concatenate([data.ztx, data.zty0[:, None]], axis=1)
+    v_inv_w = (W - data.Z @ inner(zt_w)) / sigma2
     v_inv_x, v_inv_y0 = v_inv_w[:, :p], v_inv_w[:, p]
     xvx = X.T @ v_inv_x
     chol_xvx, ok_x = _cholesky(0.5 * (xvx + xvx.T))
@@ -179,7 +321,7 @@ def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepare
     resid = data.y0 - X @ delta
     beta = data.b0 + delta
     quad = resid @ p_y
-    logdet_v = n * jnp.log(sigma2) + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_a)))
+    logdet_v = n * jnp.log(sigma2) + logdet_a
     log2pi = math.log(2.0 * math.pi)
     if reml:
         logdet_x = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_xvx)))
@@ -188,16 +330,27 @@ def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepare
         loglik = -0.5 * (logdet_v + n * log2pi + quad)
     ok = ok_a & ok_x & (sigma2 > 0) & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
-    return MMECore(ok, sigma2, lam, chol_a, v_inv_x, chol_xvx, beta, p_y, loglik)
+    return MMECore(ok, sigma2, lam, chol_a, v_inv_x, chol_xvx, beta, p_y, loglik), inner
 
 
-def _dv_times_py(theta, structure: Structure, data: Prepared, p_y):
+def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool = False):
     """D[:, k] = V_k·Py = Z·(∂G/∂θ_k)·ZᵀPy + (∂σ²/∂θ_k)·Py, by forward mode on q-vectors (n×k)."""
     zt_py = data.Z.T @ p_y
 
-    def g_times(t):
-        blocks = [t_.G(t[t_.offset : t_.offset + t_.size]) for t_ in structure.terms]
-        return jnp.concatenate([block_diag(*blocks) @ zt_py, _sigma2(t, structure)[None]])
+    if block:  # G = blockdiag(Λ_g Λ_gᵀ): m products of b×b blocks
+        m, b = block_layout(structure)
+        term = structure.terms[0]
+
+        def g_times(t):
+            lam = jnp.broadcast_to(_block_factor(term.G, t[term.offset : term.offset + term.size], m), (m, b, b))
+            g_zt_py = (lam @ (jnp.swapaxes(lam, -1, -2) @ zt_py.reshape(m, b, 1))).reshape(m * b)
+            return jnp.concatenate([g_zt_py, _sigma2(t, structure)[None]])
+
+    else:
+
+        def g_times(t):
+            blocks = [t_.G(t[t_.offset : t_.offset + t_.size]) for t_ in structure.terms]
+            return jnp.concatenate([block_diag(*blocks) @ zt_py, _sigma2(t, structure)[None]])
 
     jac = jax.jacfwd(g_times)(theta)  # (q + 1) × k
     return data.Z @ jac[:-1] + jnp.outer(p_y, jac[-1])
@@ -211,22 +364,37 @@ def mme_evaluate(
         raise ValueError(f"the MME back end computes information 'ai', 'observed' or 'none', got {information!r}")
     if data is None:
         data = prepare(structure, y, X)
+    use_blocks = _use_blocks(data)
+    if use_blocks is None:
+        return _evaluate(theta, y, X, structure, reml, information, data, block=False)
+    return jax.lax.cond(
+        use_blocks,
+        lambda t: _evaluate(t, y, X, structure, reml, information, data, block=True),
+        lambda t: _evaluate(t, y, X, structure, reml, information, data, block=False),
+        theta,
+    )
 
+
+def _evaluate(theta, y, X, structure: Structure, reml: bool, information: str, data: Prepared, *, block: bool):
     def loglik(t):
-        c = mme_core(t, y, X, structure, reml, data)
+        c = _core(t, y, X, structure, reml, data, block=block)
         return c.loglik, c
 
     (_, c), score = jax.value_and_grad(loglik, has_aux=True)(theta)
     k = theta.shape[0]
     if information == "ai":
-        D = _dv_times_py(theta, structure, data, c.p_y)
-        m_d = _v_inv(c, data, D, data.Z.T @ D)
+        D = _dv_times_py(theta, structure, data, c.p_y, block)
+        if block:
+            inner = _block_solver(theta, structure, data)[-1]
+            m_d = (D - data.Z @ inner(data.Z.T @ D)) / c.sigma2
+        else:
+            m_d = _v_inv(c, data, D, data.Z.T @ D)
         if reml:
             # P·D = V⁻¹D − V⁻¹X (XᵀV⁻¹X)⁻¹ (V⁻¹X)ᵀD.
             m_d = m_d - c.v_inv_x @ cho_solve((c.chol_xvx, True), c.v_inv_x.T @ D)
         info = 0.5 * D.T @ m_d
     elif information == "observed":
-        info = -jax.hessian(lambda t: mme_core(t, y, X, structure, reml, data).loglik)(theta)
+        info = -jax.hessian(lambda t: _core(t, y, X, structure, reml, data, block=block).loglik)(theta)
     else:
         info = jnp.zeros((k, k), theta.dtype)
     return c, Derivatives(score, 0.5 * (info + info.T))

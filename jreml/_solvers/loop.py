@@ -1,11 +1,12 @@
 """The fitting loop: one ``lax.while_loop`` with step-halving, bounds, an EM fallback and a fixed-size history.
 
 Every iteration (i) computes a direction d from the score and the algorithm's information matrix, with
-parameters held at an active bound removed; (ii) tries θ + η·2⁻ʲ·d, j = 0, 1, …, ``max_halvings``−1, clipped
-to [lb, ub], accepting the first candidate whose V is positive definite and whose log-likelihood does not
-decrease; (iii) if none is accepted and the model is a variance-component model, tries one EM-REML step
-(always an ascent step); (iv) tests convergence. A variance stepping below ``snap`` (the singular threshold)
-is moved to its lower bound at once. Everything is traced once; under ``jax.vmap`` the loop
+parameters held at an active bound removed (a log-variance whose step ends below ``snap`` is held at its bound
+for the other parameters' step, or moved along a variance-scale arc, see ``body``); (ii) tries θ + η·2⁻ʲ·d,
+j = 0, 1, …, ``max_halvings``−1, clipped to [lb, ub], accepting the first candidate whose V is positive definite
+and whose log-likelihood does not decrease; (iii) if none is accepted and the model is a variance-component
+model, tries one EM-REML step (always an ascent step); (iv) tests convergence. A variance stepping below ``snap``
+(the singular threshold) is moved to its lower bound at once. Everything is traced once; under ``jax.vmap`` the loop
 runs until every batch member is done.
 """
 
@@ -25,6 +26,8 @@ from .base import AbstractAlgorithm, em_direction, free_mask
 RUNNING, CONVERGED, MAX_ITER, STALLED, INVALID_START = -1, 0, 1, 2, 3
 #: Largest change of a log-variance in one iteration (before the step length η).
 MAX_LOG_STEP = 5.0
+#: Largest step (−d) of a log-variance that is taken along the variance-scale arc (see ``run``).
+MAX_ARC_STEP = 1024.0
 STATUS_MESSAGES = {
     CONVERGED: "converged",
     MAX_ITER: "did not converge: max_iter iterations reached",
@@ -180,15 +183,38 @@ def run(
     def body(state):
         i, theta, ev, status, history = state
         free = free_mask(theta, ev.score, lb, ub)
+        no = jnp.zeros_like(free)
         if algorithm.name == "em":
-            direction = em_direction(theta, ev.score, free, em_plan)
+            direction, hold, arc = em_direction(theta, ev.score, free, em_plan), no, no
         else:
-            direction = algorithm.direction(theta, ev.score, ev.information, free)
+            solve = lambda mask: algorithm.direction(theta, ev.score, ev.information, mask)  # noqa: E731
+            # A log-variance whose step ends below the singular threshold ``snap``: its information vanishes
+            # with the variance, so its step is huge, and left as it is (in the trust region below) it shrinks
+            # every other parameter's step to nothing: a fit stuck for max_iter iterations at, or next to, a
+            # singular optimum (e.g. a correlation of ±1).
+            # Held (projected Newton): one at its bound already (below the threshold), then one whose score
+            # pushes it down as well, goes to its bound (``snap`` in ``try_body``), and the other parameters
+            # take the step of the problem with it held there. Those at the bound go first: their
+            # near-singular rows would distort everybody else's step.
+            direction = solve(free)
+            hold = log_scale & free & (theta <= snap) & (direction < 0)
+            direction = jnp.where(hold, direction, solve(free & ~hold))
+            crossing = log_scale & free & ~hold & (direction < 0) & (theta + direction < snap)
+            hold = hold | (crossing & (ev.score <= 0))
+            direction = jnp.where(hold, direction, solve(free & ~hold))
+            # Arc: one whose score pushes it up (the step comes from its coupling to the others) moves in the
+            # variance scale, e^θ·(1 + η·d), projected onto its bound where that is not positive: tangent to
+            # the step (an ascent for a short enough η), outside the trust region, so that the other parameters
+            # keep their steps. Only where step-halving soon reaches η·|d| < 1: a longer step comes from an
+            # ill-conditioned information, and the trust region takes it.
+            arc = log_scale & free & ~hold & (direction < 0) & (theta + direction < snap) & (direction > -MAX_ARC_STEP)
         # Trust region on log-variances: a variance changes by at most a factor e^MAX_LOG_STEP per iteration.
         # A log-variance near 0 has a tiny information and a huge Newton step; capped, it climbs out (or
         # descends to its bound) in a few iterations instead of leaping far past the optimum.
-        longest = jnp.max(jnp.where(log_scale, jnp.abs(direction), 0.0), initial=0.0)
-        direction = direction * jnp.minimum(1.0, MAX_LOG_STEP / jnp.maximum(longest, MAX_LOG_STEP))
+        capped = log_scale & ~hold & ~arc
+        longest = jnp.max(jnp.where(capped, jnp.abs(direction), 0.0), initial=0.0)
+        shrink = jnp.minimum(1.0, MAX_LOG_STEP / jnp.maximum(longest, MAX_LOG_STEP))
+        direction = jnp.where(hold | arc, direction, direction * shrink)
         em_step = em_direction(theta, ev.score, free, em_plan) if use_em_fallback else None
         # Only rounding-level decreases are accepted: a looser tolerance lets an over-long step cycle.
         accept_tol = 4.0 * jnp.finfo(dtype).eps * (1.0 + jnp.abs(ev.loglik))
@@ -201,6 +227,7 @@ def run(
             j, _, _, _, _ = carry
             length = eta * jnp.exp2(-j.astype(dtype))
             step = length * direction
+            step = jnp.where(arc, jnp.log(jnp.maximum(1.0 + step, jnp.finfo(dtype).tiny)), step)
             if use_em_fallback:
                 step = jnp.where(j < max_halvings, step, em_step)
                 length = jnp.where(j < max_halvings, length, 0.0)
