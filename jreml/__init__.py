@@ -5,8 +5,10 @@ Importing jreml turns on JAX's float64 mode unless ``JAX_ENABLE_X64`` is set in 
 """
 
 from ._config import _apply_default_precision
+from ._lapack_guard import install as _install_lapack_guard
 
 _apply_default_precision()
+_install_lapack_guard()
 
 # ruff: noqa: E402, I001
 from . import covariance as covariance
