@@ -20,6 +20,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _X64_ENV = "JAX_ENABLE_X64"
 
@@ -41,7 +42,12 @@ def float_dtype() -> jnp.dtype:
 
 def as_float_array(x, name: str = "array") -> jax.Array:
     """Convert ``x`` to a JAX array of jreml's float dtype; integer/bool inputs are cast, complex rejected."""
-    arr = jnp.asarray(x)
+    if isinstance(x, jax.Array | jax.core.Tracer):
+        arr = x
+    else:
+        arr = np.asarray(x)  # host data is cast on the host: no XLA program for the conversion
     if jnp.issubdtype(arr.dtype, jnp.complexfloating):
         raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
-    return arr.astype(float_dtype())
+    if isinstance(arr, np.ndarray):
+        return jax.device_put(arr.astype(float_dtype()))
+    return jnp.asarray(arr).astype(float_dtype())

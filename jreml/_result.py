@@ -111,6 +111,55 @@ def _json_float(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _term_parts(term, theta):
+    """(Z module, dense Z or None for a factor's incidence matrix, G(θ)) of one random term."""
+    theta_g = theta[term.offset : term.offset + term.G.num_free_params]
+    theta_z = theta[term.offset - term.Z.num_free_params : term.offset]
+    return term.Z, term.Z(theta_z) if not isinstance(term.Z, DummyMatrix) else None, term.G(theta_g)
+
+
+def _z_transpose(Z, z_dense, vector):
+    if z_dense is None:
+        summed = jax.ops.segment_sum(vector, Z.codes, num_segments=Z.n_levels)
+        return summed[1:] if Z.drop_first else summed
+    return z_dense.T @ vector
+
+
+def _z_times(Z, z_dense, u):
+    if z_dense is None:
+        full = jnp.concatenate([jnp.zeros((1,), u.dtype), u]) if Z.drop_first else u
+        return full[Z.codes]
+    return z_dense @ u
+
+
+@eqx.filter_jit
+def _random_effects(model, theta, p_y, X, beta, y):
+    """BLUPs û = G Zᵀ P y of every Z·G·Zᵀ term, the conditional fitted values Xβ̂ + Σ_terms Z û (n,) and the
+    conditional residuals y − fitted (n,)."""
+    blups, fitted = {}, X @ beta
+    for term in model.random_terms():
+        Z, z_dense, g = _term_parts(term, theta)
+        u = g @ _z_transpose(Z, z_dense, p_y)
+        blups[term.name] = u
+        fitted = fitted + _z_times(Z, z_dense, u)
+    return blups, fitted, y - fitted
+
+
+@eqx.filter_jit
+def _leading_blocks(model, theta, sizes: tuple[tuple[str, int], ...]):
+    """Per named term, the m×m covariance of one group's random effects (the leading block of G(θ))."""
+    by_name = {t.name: t for t in model.random_terms()}
+    out = {}
+    for name, m in sizes:
+        term = by_name[name]
+        theta_g = theta[term.offset : term.offset + term.G.num_free_params]
+        if m == 1:
+            out[name] = term.G.build_params(theta_g)[:1].reshape(1, 1)
+        else:
+            out[name] = term.G(theta_g)[:m, :m]
+    return out
+
+
 class FitResult(eqx.Module):
     """The result of :func:`jreml.estimate` (works under ``jax.vmap``: every array leaf gains a batch axis).
 
@@ -150,7 +199,11 @@ class FitResult(eqx.Module):
     @property
     def params(self) -> dict[str, Float[Array, "..."]]:
         """Natural-scale parameters (variances, covariances, correlations) by name, in θ's order."""
-        return {name: self.natural_params[..., i] for i, name in enumerate(self.param_names)}
+        values = self.natural_params
+        if not isinstance(values, jax.core.Tracer):
+            values = np.asarray(values)  # slicing on the host: no small XLA program per name
+            return {name: jax.device_put(values[..., i]) for i, name in enumerate(self.param_names)}
+        return {name: values[..., i] for i, name in enumerate(self.param_names)}
 
     @property
     def fixef(self) -> dict[str, float]:
@@ -189,22 +242,9 @@ class FitResult(eqx.Module):
         return STATUS_MESSAGES.get(int(self.status), f"status {int(self.status)}")
 
     # --- BLUE / BLUP / predictions -------------------------------------------------------------------
-    def _term_parts(self, term):
-        theta_g = self.theta[term.offset : term.offset + term.G.num_free_params]
-        theta_z = self.theta[term.offset - term.Z.num_free_params : term.offset]
-        return term.Z, term.Z(theta_z) if not isinstance(term.Z, DummyMatrix) else None, term.G(theta_g)
-
-    def _z_transpose(self, Z, z_dense, vector):
-        if z_dense is None:
-            summed = jax.ops.segment_sum(vector, Z.codes, num_segments=Z.n_levels)
-            return summed[1:] if Z.drop_first else summed
-        return z_dense.T @ vector
-
-    def _z_times(self, Z, z_dense, u):
-        if z_dense is None:
-            full = jnp.concatenate([jnp.zeros((1,), u.dtype), u]) if Z.drop_first else u
-            return full[Z.codes]
-        return z_dense @ u
+    def _random_effects(self):
+        """({term name: û}, Xβ̂ + Σ Z û, y − Xβ̂ − Σ Z û) in one compiled call (op by op, it compiled ~25)."""
+        return _random_effects(self.model, self.theta, self.p_y, self.X, self.beta, self.y)
 
     def blup(self, with_sd: bool = False, prediction_error: bool = False):
         """BLUPs û = G Zᵀ P y of every Z·G·Zᵀ term, as {term name: (q,) array}.
@@ -214,14 +254,14 @@ class FitResult(eqx.Module):
         sd² = diag(G − G Zᵀ P Z G), the prediction-error variance that also counts the uncertainty of β̂
         (Henderson 1975; ASReml's "PEV").
         """
+        blups = self._random_effects()[0]
+        if not with_sd:
+            return blups
         out = {}
         weight = None
         for term in self.model.random_terms():
-            Z, z_dense, g = self._term_parts(term)
-            u = g @ self._z_transpose(Z, z_dense, self.p_y)
-            if not with_sd:
-                out[term.name] = u
-                continue
+            Z, z_dense, g = _term_parts(term, self.theta)
+            u = blups[term.name]
             if weight is None:
                 c = core(self.theta, self.y, self.X, self.model, self.method == "reml")
                 weight = trace_weight(c, reml=prediction_error)
@@ -254,12 +294,7 @@ class FitResult(eqx.Module):
         if newdata is None:
             if fixed_only:
                 return self.X @ self.beta
-            fitted = self.X @ self.beta
-            for term in self.model.random_terms():
-                Z, z_dense, g = self._term_parts(term)
-                u = g @ self._z_transpose(Z, z_dense, self.p_y)
-                fitted = fitted + self._z_times(Z, z_dense, u)
-            return fitted
+            return self._random_effects()[1]
         info = self._info("predict(newdata=...)")
         if not isinstance(newdata, pd.DataFrame):
             raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
@@ -307,7 +342,7 @@ class FitResult(eqx.Module):
 
     def residuals(self):
         """Conditional residuals y − Xβ̂ − Σ Z û."""
-        return self.y - self.predict()
+        return self._random_effects()[2]
 
     def marginal_residuals(self):
         """Marginal residuals y − Xβ̂."""
@@ -331,17 +366,9 @@ class FitResult(eqx.Module):
     def _ordered_terms(self):
         """(term info, G block m×m) per random term, in lme4's order (more levels first, stable)."""
         info = self._info("the random-effects summary")
-        by_name = {t.name: t for t in self.model.random_terms()}
-        out = []
-        for term_info in info.terms:
-            term = by_name[term_info.name]
-            theta_g = self.theta[term.offset : term.offset + term.G.num_free_params]
-            m = len(term_info.labels)
-            if m == 1:
-                block = np.asarray(term.G.build_params(theta_g))[:1].reshape(1, 1)
-            else:
-                block = np.asarray(term.G(theta_g))[:m, :m]
-            out.append((term_info, block))
+        sizes = tuple((term_info.name, len(term_info.labels)) for term_info in info.terms)
+        blocks = _leading_blocks(self.model, self.theta, sizes)
+        out = [(term_info, np.asarray(blocks[term_info.name])) for term_info in info.terms]
         order = sorted(range(len(out)), key=lambda i: -len(out[i][0].levels))
         return [out[i] for i in order]
 

@@ -498,9 +498,12 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
             it=jnp.where(fresh, 0, st.it + 1),
             n_iter=st.n_iter + 1,
         )
-        score_ok = jnp.abs(free_gradient(new.tau, new.g)) < tol_score
-        delta_ok = jnp.abs(cand - tau) < tol_delta
-        loglik_ok = jnp.abs(f_c - st.f) < tol_loglik
+        # Floors at the dtype's rounding level: in float32 the default tolerances (1e-8, 1e-6, 1e-10) lie below
+        # it and fits ran to max_iter; in float64 the floors are below the defaults for |ℓ| < 10⁴.
+        noise = jnp.finfo(dtype).eps * (1.0 + jnp.abs(f_c))
+        score_ok = jnp.abs(free_gradient(new.tau, new.g)) < jnp.maximum(tol_score, 64.0 * noise)
+        delta_ok = jnp.abs(cand - tau) < jnp.maximum(tol_delta, jnp.sqrt(jnp.finfo(dtype).eps))
+        loglik_ok = jnp.abs(f_c - st.f) < jnp.maximum(tol_loglik, 8.0 * noise)
         done = accepted & score_ok & delta_ok & loglik_ok & (new.it >= opts.min_iter)
         status = jnp.where(done, CONVERGED, RUNNING)
         gave_up = ~accepted & (new.length < 0.5**opts.max_halvings)

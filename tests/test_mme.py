@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 import jreml
-from jreml._backends.mme import block_layout, mme_core, mme_evaluate, mme_structure, prepare
+from jreml._backends.mme import (
+    block_layout,
+    mme_core,
+    mme_evaluate,
+    mme_structure,
+    prepare,
+    static_block_diagonal,
+)
 from jreml._estimate import _resolve_backend
 from jreml._likelihood import core, derivatives_at
 from jreml.covariance import (
@@ -299,3 +306,28 @@ def test_block_path_and_its_fallback_match_dense(case):
     dense = jreml.estimate(model, y, X, backend="dense", throw=False)
     assert int(fit.status) == int(dense.status)
     np.testing.assert_allclose(float(fit.loglik), float(dense.loglik), rtol=1e-11)
+
+
+@pytest.mark.parametrize("case", ["b=3", "overlapping groups", "diagonal G"])
+def test_block_decision_before_tracing_matches_the_traced_test(case):
+    """``estimate`` decides block diagonality on the concrete Z (one path compiled); it agrees with the test
+    inside the program, and the fit equals the one through the lax.cond of both paths."""
+    model, y, X, _, diagonal = _models_with_a_block_layout()[case]
+    structure = mme_structure(model)
+    assert static_block_diagonal(structure) is diagonal
+    static_prepared = prepare(structure, y, X, block_diagonal=diagonal)
+    assert (static_prepared.blocks is None) is (not diagonal)
+    fit = jreml.estimate(model, y, X, throw=False)
+    from jreml._estimate import _JITTED
+
+    assert any(dict(key[2]).get("mme_blocks") is diagonal for key in _JITTED)
+    traced = jax.jit(lambda yy: jreml.estimate(model, yy, X, throw=False))(y)  # y traced, Z concrete: same path
+    np.testing.assert_allclose(float(traced.loglik), float(fit.loglik), rtol=1e-12)
+    conditional = jax.jit(lambda m: jreml.estimate(m, y, X, throw=False).loglik)(model)  # Z traced: lax.cond
+    np.testing.assert_allclose(float(conditional), float(fit.loglik), rtol=1e-11)
+
+
+def test_block_decision_of_the_examples():
+    assert static_block_diagonal(mme_structure(example("sleepstudy")[0])) is True
+    assert static_block_diagonal(mme_structure(example("dyestuff")[0])) is True
+    assert static_block_diagonal(mme_structure(example("penicillin")[0])) is None  # two terms: no block layout

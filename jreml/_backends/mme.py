@@ -21,9 +21,10 @@ scalar / diagonal / identity matrix (b = 1), Λ = blockdiag(Λ_g), and when in a
 outside its m diagonal b×b blocks (every observation belongs to one group: ``(x | g)`` terms), A is block
 diagonal too. Then A's factorisation, log-determinant and solves are m independent b×b problems, unrolled into
 elementwise operations: O(m·b³) instead of O(q³), also for the score (reverse mode) and the observed
-information. Whether ZᵀZ is block diagonal depends on Z's values, which are traced inside ``jit``: ``prepare``
-tests it and ``mme_core`` / ``mme_evaluate`` pick the path with ``lax.cond`` (a real branch whenever Z is not
-batched, e.g. under ``vmap`` over y). Both paths compute the same function of θ.
+information. Whether ZᵀZ is block diagonal depends on Z's values. ``estimate`` decides it in numpy before
+tracing when Z is concrete (``static_block_diagonal``), so only one path is compiled; when Z is traced,
+``prepare`` tests it inside the program and ``mme_core`` / ``mme_evaluate`` pick the path with ``lax.cond``.
+Both paths compute the same function of θ.
 
 Recognised models (``mme_structure``): a top-level ``Sum`` of ``CovariancePropagation`` terms whose Z is a
 ``DummyMatrix`` or a ``ConstantMatrix`` and whose G is built from ``ScalarMatrix``, ``DiagonalMatrix``,
@@ -38,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import block_diag, cho_solve
 from jaxtyping import Array, Bool, Float
 
@@ -134,7 +136,7 @@ class Blocks(NamedTuple):
     """ZᵀZ's m diagonal b×b blocks, and whether it has nothing else (then A is block diagonal)."""
 
     ztz: Float[Array, "m b b"]
-    diagonal: Bool[Array, ""]
+    diagonal: Bool[Array, ""] | bool  # a Python True when known before tracing
 
 
 #: Largest block of Λ (random effects per group) that the block-diagonal path unrolls.
@@ -153,7 +155,33 @@ def block_layout(structure: Structure) -> tuple[int, int] | None:
     return None
 
 
-def prepare(structure: Structure, y, X) -> Prepared:
+def static_block_diagonal(structure: Structure | None) -> bool | None:
+    """Whether ZᵀZ has nothing outside its diagonal b×b blocks, decided in numpy from a concrete Z.
+
+    True when every observation's non-zero entries of Z lie in one group's b columns (always so for an
+    ``(x | g)`` term); False otherwise, which can only miss an exact cancellation and then costs speed, not
+    correctness (both paths compute the same function). None when the model has no block layout or Z is
+    traced: ``prepare`` then tests ZᵀZ inside the program and the two paths meet in a ``lax.cond``.
+    """
+    if structure is None:
+        return None
+    layout = block_layout(structure)
+    if layout is None:
+        return None
+    Z = structure.terms[0].Z
+    if isinstance(Z, DummyMatrix):
+        return None if isinstance(Z.codes, jax.core.Tracer) else layout[1] == 1
+    if isinstance(Z.matrix, jax.core.Tracer):
+        return None
+    non_zero = np.asarray(Z.matrix) != 0
+    block_of_column = np.arange(non_zero.shape[1]) // layout[1]
+    first = np.where(non_zero, block_of_column, np.iinfo(np.int64).max).min(axis=1)
+    last = np.where(non_zero, block_of_column, -1).max(axis=1)
+    return bool(np.all((last == -1) | (first == last)))
+
+
+def prepare(structure: Structure, y, X, block_diagonal: bool | None = None) -> Prepared:
+    """Data-only pieces of the MME (Z, ZᵀZ, ZᵀX, ...); ``block_diagonal`` from ``static_block_diagonal``."""
     dtype = y.dtype
     empty = jnp.zeros((0,), dtype)
     Z = jnp.concatenate([t.Z(empty).astype(dtype) for t in structure.terms], axis=1)
@@ -164,12 +192,14 @@ def prepare(structure: Structure, y, X) -> Prepared:
     ztz = Z.T @ Z
     layout = block_layout(structure)
     blocks = None
-    if layout is not None:
+    if layout is not None and block_diagonal is not False:
         m, b = layout
         grid = ztz.reshape(m, b, m, b)
         groups = jnp.arange(m)
-        outside = jnp.where(jnp.eye(m, dtype=bool)[:, None, :, None], 0.0, grid)
-        blocks = Blocks(grid[groups, :, groups, :], jnp.all(outside == 0.0))
+        if block_diagonal is None:
+            outside = jnp.where(jnp.eye(m, dtype=bool)[:, None, :, None], 0.0, grid)
+            block_diagonal = jnp.all(outside == 0.0)
+        blocks = Blocks(grid[groups, :, groups, :], block_diagonal)
     return Prepared(Z, ztz, Z.T @ X, b0, y0, Z.T @ y0, blocks)
 
 
@@ -291,8 +321,8 @@ def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepare
     if data is None:
         data = prepare(structure, y, X)
     use_blocks = _use_blocks(data)
-    if use_blocks is None:
-        return _core(theta, y, X, structure, reml, data, block=False)
+    if use_blocks is None or use_blocks is True:
+        return _core(theta, y, X, structure, reml, data, block=use_blocks is True)
     return jax.lax.cond(
         use_blocks,
         lambda t: _core(t, y, X, structure, reml, data, block=True),
@@ -365,8 +395,8 @@ def mme_evaluate(
     if data is None:
         data = prepare(structure, y, X)
     use_blocks = _use_blocks(data)
-    if use_blocks is None:
-        return _evaluate(theta, y, X, structure, reml, information, data, block=False)
+    if use_blocks is None or use_blocks is True:
+        return _evaluate(theta, y, X, structure, reml, information, data, block=use_blocks is True)
     return jax.lax.cond(
         use_blocks,
         lambda t: _evaluate(t, y, X, structure, reml, information, data, block=True),

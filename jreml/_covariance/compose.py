@@ -111,7 +111,7 @@ class DummyMatrix(AbstractCovariance):
         level_names = tuple(":".join(coded[j][1][combo[j]] for j in range(len(coded))) for combo in combos.tolist())
         if drop_first and len(level_names) < 2:
             raise ValueError("DummyMatrix(drop_first=True) needs a factor with at least two levels")
-        self.codes = jnp.asarray(codes.reshape(-1))
+        self.codes = jax.device_put(codes.reshape(-1))
         self.levels = level_names
         self.drop_first = drop_first
         self.name = name

@@ -154,6 +154,7 @@ def run(
     em_plan,
     verbose: int,
     backend: str = "dense",
+    mme_blocks: bool | None = None,
 ) -> LoopResult:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -162,7 +163,7 @@ def run(
         structure = mme_structure(model)
         if structure is None:
             raise ValueError("backend='mme' needs a model sum_j Z_j G_j Z_j^T + s2*I with parameter-free Z_j")
-        mme = (structure, prepare(structure, y, X))
+        mme = (structure, prepare(structure, y, X, block_diagonal=mme_blocks))
     ev_kwargs = dict(
         reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder, mme=mme
     )
