@@ -16,7 +16,7 @@ from ._backends.mme import mme_evaluate, mme_structure, prepare, static_block_di
 from ._config import as_float_array, float_dtype
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import CustomMatrix
-from ._implicit import fitted_core, implicit_theta
+from ._implicit import fitted_core, implicit_theta_mme
 from ._likelihood import DERIVATIVES, check_method, derivatives_at
 from ._result import FitResult
 from ._solvers.ai import AI
@@ -156,7 +156,7 @@ def _fit(
     at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
     free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
     if backend == "mme":
-        theta = implicit_theta(theta, free, model, y, X, reml)
+        theta = implicit_theta_mme(theta, free, model, y, X, reml, mme_blocks)
         structure = mme_structure(model)
         data = prepare(structure, y, X, block_diagonal=mme_blocks)
         c, final = mme_evaluate(theta, y, X, structure, reml=reml, information="ai", data=data)

@@ -21,6 +21,9 @@ V_k = ∂V/∂θ_k, A = XᵀV⁻¹X, B = V⁻¹X·A⁻¹ and dV the change of V 
 
 (Harville 1977, JASA 72:320 for the derivatives of P; implicit differentiation of optimisation layers:
 Blondel et al. 2022, "Efficient and modular implicit differentiation", NeurIPS.)
+
+The mixed-model-equations back end has its own rule (``implicit_theta_mme``): the same theorem with s and H from
+autodiff of the q×q MME log-likelihood, so that no n×n matrix is formed.
 """
 
 from __future__ import annotations
@@ -98,9 +101,50 @@ def fitted_core(theta_hat, free, model, y, X, reml: bool) -> tuple[jax.Array, Co
     return _fitted(static, reml, jax.lax.stop_gradient(theta_hat), free, dynamic, y, X)
 
 
-def implicit_theta(theta_hat, free, model, y, X, reml: bool):
-    """θ̂ alone as a differentiable function of (model arrays, y, X)."""
-    return fitted_core(theta_hat, free, model, y, X, reml)[0]
+def implicit_theta_mme(theta_hat, free, model, y, X, reml: bool, block_diagonal: bool | None = None):
+    """θ̂ as a differentiable function of (model arrays, y, X) for the mixed-model-equations back end.
+
+    The same theorem, dθ̂ = H⁻¹ (∂s/∂p) dp, with the score s and H = −∂s/∂θ taken by autodiff of the MME
+    log-likelihood (q×q factorisations, O(nq² + q³)): ∂s/∂p·dp is a forward-mode product through the reverse-mode
+    score and H its Jacobian in θ (k×k). No n×n matrix is formed, so a gradient through an MME fit scales like
+    the fit. ``block_diagonal`` is the fit's static block decision (``_backends.mme.static_block_diagonal``).
+    """
+    dynamic, static = eqx.partition(model, eqx.is_array)
+    config = (reml, block_diagonal)
+    return _theta_mme(static, config, jax.lax.stop_gradient(theta_hat), free, dynamic, y, X)
+
+
+def _mme_loglik(theta, dynamic, y, X, static, config):
+    from ._backends.mme import mme_core, mme_structure, prepare  # the back end imports _likelihood, as we do
+
+    reml, block_diagonal = config
+    model = eqx.combine(dynamic, static)
+    structure = mme_structure(model)
+    return mme_core(theta, y, X, structure, reml, prepare(structure, y, X, block_diagonal)).loglik
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _theta_mme(static, config, theta_hat, free, dynamic, y, X):
+    return theta_hat
+
+
+def _theta_mme_jvp(static, config, primals, tangents):
+    theta, free, dynamic, y, X = primals
+    _, _, d_dynamic, d_y, d_X = tangents
+    if _is_zero((d_dynamic, d_y, d_X)):
+        return theta, jnp.zeros_like(theta)
+    d_dynamic, d_y, d_X = _instantiate((d_dynamic, d_y, d_X))
+    loglik = functools.partial(_mme_loglik, static=static, config=config)
+    information = -jax.hessian(loglik)(theta, dynamic, y, X)
+
+    def score(dyn, yy, xx):
+        return jax.grad(loglik)(theta, dyn, yy, xx)
+
+    _, d_score = jax.jvp(score, (dynamic, y, X), (d_dynamic, d_y, d_X))
+    return theta, _implicit_step(0.5 * (information + information.T), free, d_score)
+
+
+_theta_mme.defjvp(_theta_mme_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))

@@ -104,3 +104,51 @@ def test_dense_vmapped_path_sleepstudy():
         np.testing.assert_allclose(out.params[j], single.natural_params, rtol=1e-7, atol=1e-9)
         np.testing.assert_allclose(out.beta[j], single.beta, rtol=1e-8)
         assert out.n_iter[j] == int(single.n_iter) and out.converged[j] == bool(single.converged)
+
+
+def _two_kernel_data(n=120, rank=8, n_groups=10, T=3, seed=5):
+    rng = np.random.default_rng(seed)
+    A = rng.normal(size=(n, rank))
+    groups = rng.integers(0, n_groups, n)
+    markers = rng.normal(size=(n, 3 * n))
+    K_low, K_groups, K_full = (
+        A @ A.T / rank,
+        (groups[:, None] == groups[None, :]).astype(float),
+        markers @ markers.T / (3 * n),
+    )
+    x = rng.normal(size=n)
+    g = A @ rng.normal(size=(rank, T)) / np.sqrt(rank) + 0.6 * rng.normal(size=(n_groups, T))[groups]
+    Y = 1.0 + 0.5 * x[:, None] + g + rng.normal(size=(n, T))
+    ids = [f"i{j:03d}" for j in range(n)]
+    data = pd.DataFrame({"x": x, "a": ids, "b": ids})
+    frame = lambda K: pd.DataFrame(K, index=ids, columns=ids)  # noqa: E731
+    return data, Y, frame(K_low), frame(K_groups), frame(K_full)
+
+
+def test_low_rank_relationship_matrices_are_fitted_through_their_factor():
+    """fit_batch rewrites a low-rank relmat term as (Z L)·σ²I_r·(Z L)ᵀ: the same V(θ) and names, the MME back end,
+    and the same fits as separate dense jreml.fit calls; a full-rank K is left alone."""
+    import jax.numpy as jnp
+
+    from jreml._batch import _low_rank_kernels
+    from jreml._design.build import build_design
+    from jreml._estimate import _mme_q
+
+    data, Y, K_low, K_groups, K_full = _two_kernel_data()
+    formula = "y ~ 1 + x + (1 | a) + (1 | b)"
+    model = build_design(formula, data.assign(y=Y[:, 0]), {"a": K_low, "b": K_groups}).model
+    rewritten = _low_rank_kernels(model)
+    assert rewritten.param_names == model.param_names and _mme_q(model) is None and _mme_q(rewritten) == 8 + 10
+    for theta in (jnp.asarray([0.3, -0.2, 0.1]), jnp.asarray([-1.0, 0.5, 0.0])):
+        np.testing.assert_allclose(np.asarray(rewritten(theta)), np.asarray(model(theta)), rtol=0, atol=1e-9)
+    full = build_design(formula, data.assign(y=Y[:, 0]), {"a": K_full, "b": K_groups}).model
+    assert _mme_q(_low_rank_kernels(full)) is None  # one term full rank: stays dense
+
+    relmat = {"a": K_low, "b": K_groups}
+    out = fit_batch(formula, data, Y, relmat=relmat)
+    assert out.converged.all() and not out.spectral.any()
+    for j in range(Y.shape[1]):
+        single = jreml.fit(formula, data.assign(y=Y[:, j]), relmat=relmat)
+        np.testing.assert_allclose(out.loglik[j], float(single.loglik), rtol=1e-10)
+        np.testing.assert_allclose(out.params[j], np.asarray(single.natural_params), rtol=1e-6)
+        np.testing.assert_allclose(out.beta[j], np.asarray(single.beta), rtol=1e-7)
