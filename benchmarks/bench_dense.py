@@ -34,8 +34,6 @@ No timing is asserted; the script always exits 0.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import os
 import platform
 import statistics
@@ -46,6 +44,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _blas import blas_report, load_average
 from jax.scipy.linalg import cho_solve
 
 import jreml
@@ -209,23 +208,6 @@ def breakdown(model, theta, y, X, V, repeats: int):
         print(f"    {name:<42} {t.median:9.4f} {t.min:9.4f} {100 * t.min / total:16.1f}%")
 
 
-def _openblas():
-    """scipy's OpenBLAS (jaxlib's LAPACK/BLAS custom calls -- potrf, trsm -- run on it), or None."""
-    try:
-        import scipy
-        import scipy.linalg  # noqa: F401  (loads the library)
-
-        libdir = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs")
-        paths = sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*")))
-        if not paths:
-            return None
-        lib = ctypes.CDLL(paths[0])
-        lib.scipy_openblas_get_config.restype = ctypes.c_char_p
-        return lib
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
 def environment_report(blas_threads: int | None):
     dev = jax.devices()[0]
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -238,17 +220,7 @@ def environment_report(blas_threads: int | None):
         "threading: XLA:CPU runs its own ops (fusions, dots) on an intra-op pool of one thread per usable core "
         "(--xla_cpu_multi_thread_eigen defaults to true); cholesky/triangular solves are LAPACK/BLAS custom calls"
     )
-    lib = _openblas()
-    if lib is None:
-        print("  BLAS/LAPACK for custom calls: could not locate scipy's OpenBLAS")
-    else:
-        if blas_threads is not None:
-            lib.scipy_openblas_set_num_threads(int(blas_threads))
-        env = os.environ.get("OPENBLAS_NUM_THREADS", "(unset)")
-        print(
-            f"  BLAS/LAPACK for custom calls: {lib.scipy_openblas_get_config().decode()}, "
-            f"{lib.scipy_openblas_get_num_threads()} threads (OPENBLAS_NUM_THREADS = {env})"
-        )
+    print(f"  {blas_report(blas_threads)}")
     m = 2000
     A = jnp.asarray(np.random.default_rng(0).normal(size=(m, m)))
     (t,) = timed((jax.jit(lambda a: a @ a), (A,)), repeats=5)
@@ -256,7 +228,7 @@ def environment_report(blas_threads: int | None):
         f"  measured: {m}x{m} float64 matmul {t.median * 1e3:.1f} ms (median) = "
         f"{2 * m**3 / t.median / 1e9:.1f} GFLOP/s, {t.cores:.2f} cores busy"
     )
-    print(f"  load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"  {load_average()}")
 
 
 def main(argv=None) -> int:
@@ -305,7 +277,7 @@ def main(argv=None) -> int:
         print(f"  n = {n}: ratio {ratio:.2f} (of minima {ratio_min:.2f}) -> {verdict} the target")
     if not checked:
         print(f"  (no size >= {TARGET_MIN_N} was run)")
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_average())
     print(f"total wall time {time.perf_counter() - wall0:.1f} s")
     return 0
 

@@ -33,8 +33,6 @@ script always exits 0.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import glob
 import os
 import shutil
 import statistics
@@ -47,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from _blas import blas_report, load_average
 
 import jreml
 
@@ -219,36 +218,6 @@ def plain_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _openblas():
-    """scipy's OpenBLAS (jaxlib's LAPACK/BLAS custom calls -- potrf, trsm -- run on it), or None."""
-    try:
-        import scipy
-        import scipy.linalg  # noqa: F401  (loads the library)
-
-        libdir = os.path.join(os.path.dirname(scipy.__file__), os.pardir, "scipy.libs")
-        paths = sorted(glob.glob(os.path.join(libdir, "libscipy_openblas*.so*")))
-        if not paths:
-            return None
-        lib = ctypes.CDLL(paths[0])
-        lib.scipy_openblas_get_config.restype = ctypes.c_char_p
-        return lib
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-def blas_report(blas_threads: int | None) -> str:
-    lib = _openblas()
-    if lib is None:
-        return "BLAS/LAPACK for jaxlib's custom calls: could not locate scipy's OpenBLAS"
-    if blas_threads is not None:
-        lib.scipy_openblas_set_num_threads(int(blas_threads))
-    env = os.environ.get("OPENBLAS_NUM_THREADS", "(unset)")
-    return (
-        f"BLAS/LAPACK for jaxlib's custom calls: {lib.scipy_openblas_get_config().decode()}, "
-        f"{lib.scipy_openblas_get_num_threads()} threads (OPENBLAS_NUM_THREADS = {env})"
-    )
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -277,7 +246,7 @@ def main(argv=None) -> int:
         f"statsmodels {sm_version or 'not installed'}, dtype {jreml.float_dtype()}"
     )
     print(blas_report(args.blas_threads))
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_average())
     jax.block_until_ready(jnp.ones(3) + 1.0)  # backend initialisation, not charged to the first fit
     one_op = jax.jit(lambda v: v + 1.0)
     v = jnp.ones(3)
@@ -360,7 +329,7 @@ def main(argv=None) -> int:
         "jreml_warm_ms: median of warm jreml.estimate calls; jreml_min_ms: the same call with max_iter=0 "
         "(fixed per-call cost); sm_ms / lme4_ms: median fit times; ratios > 1 mean jreml is faster."
     )
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(load_average())
     print(f"total wall time {time.perf_counter() - wall0:.1f} s")
     return 0
 

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 
 import jax
 import pytest
@@ -12,10 +13,24 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 REFERENCE_DIR = pathlib.Path(__file__).parent / "reference"
 
+# The bundled examples (``jreml.example(name)``) with their lme4 reference case (``load_reference(case)``).
+REFERENCE_CASES = {
+    "dyestuff": "dyestuff",
+    "sleepstudy": "sleepstudy_corr",
+    "penicillin": "penicillin",
+    "machines": "machines",
+    "john_alpha": "john_alpha",
+}
+
 
 def load_reference(case: str) -> dict:
     with open(REFERENCE_DIR / f"{case}.json") as fh:
         return json.load(fh)
+
+
+def lme4_name(name: str) -> str:
+    """formulaic's treatment column ``Machine[T.B]`` as lme4 spells it (``MachineB``)."""
+    return re.sub(r"^(.+)\[T\.(.+)\]$", r"\1\2", name)
 
 
 @pytest.fixture(scope="session")

@@ -10,35 +10,24 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import load_reference
+from conftest import REFERENCE_CASES, lme4_name, load_reference
 
 import jreml
 from jreml.__main__ import EXAMPLE_FORMULAS, main
 
 KEYS = ["method", "nobs", "loglik", "aic", "bic", "converged", "singular", "n_iter", "fixef", "se", "varcorr"]
 KEYS += ["sigma2", "time_s"]
-CASES = {
-    "dyestuff": "dyestuff",
-    "sleepstudy": "sleepstudy_corr",
-    "penicillin": "penicillin",
-    "machines": "machines",
-    "john_alpha": "john_alpha",
-}
 
 
 def run(*args, command=(sys.executable, "-m", "jreml")):
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=300)
 
 
-def lme4_name(name: str) -> str:
-    return re.sub(r"^(.+)\[T\.(.+)\]$", r"\1\2", name)
-
-
 @pytest.fixture(scope="module")
 def csv_dir(tmp_path_factory):
     """The bundled data sets written as plain CSV files (grouping codes as they are in the files: numbers too)."""
     folder = tmp_path_factory.mktemp("data")
-    for name in CASES:
+    for name in REFERENCE_CASES:
         jreml.datasets.load(name).to_csv(folder / f"{name}.csv", index=False)
     return folder
 
@@ -79,12 +68,12 @@ def test_fit_csv_json_matches_lme4(csv_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,method", [(n, m) for n in CASES for m in ("REML", "ML")])
+@pytest.mark.parametrize("name,method", [(n, m) for n in REFERENCE_CASES for m in ("REML", "ML")])
 def test_fit_csv_json_every_reference_case(csv_dir, name, method):
     args = ["fit", str(csv_dir / f"{name}.csv"), EXAMPLE_FORMULAS[name], "--json"]
     out = run(*args, *(["--ml"] if method == "ML" else []))
     assert out.returncode == 0, out.stderr
-    check_against_lme4(json.loads(out.stdout), CASES[name], method)
+    check_against_lme4(json.loads(out.stdout), REFERENCE_CASES[name], method)
 
 
 def test_fit_example_prints_an_lme4_summary_and_datasets_lists_formulas():

@@ -1,13 +1,12 @@
 """The formula interface ``fit``: lme4 reference fits, grammar vs hand-built models, NA handling, errors."""
 
 import functools
-import re
 
 import equinox as eqx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import load_reference
+from conftest import REFERENCE_CASES, lme4_name, load_reference
 
 import jreml
 from jreml._covariance.basic import IdentityMatrix, ScalarMatrix, UnstructuredMatrix
@@ -15,19 +14,6 @@ from jreml._covariance.compose import CovariancePropagation, DummyMatrix, Kronec
 from jreml._design.build import build_design
 from jreml._design.formula import FormulaError, RandomSpec, parse_formula
 from jreml._fit import fit
-
-CASES = {
-    "dyestuff": "dyestuff",
-    "sleepstudy": "sleepstudy_corr",
-    "penicillin": "penicillin",
-    "machines": "machines",
-    "john_alpha": "john_alpha",
-}
-
-
-def lme4_name(name: str) -> str:
-    """formulaic's treatment column ``Machine[T.B]`` as lme4 spells it (``MachineB``)."""
-    return re.sub(r"^(.+)\[T\.(.+)\]$", r"\1\2", name)
 
 
 @functools.cache
@@ -56,10 +42,10 @@ def assert_same_loglik(design, model, y, X, theta=None, jit=False):
 
 
 # --- the lme4 reference fits ------------------------------------------------------------------------
-@pytest.mark.parametrize("name,method", [(n, m) for n in CASES for m in ("reml", "ml")])
+@pytest.mark.parametrize("name,method", [(n, m) for n in REFERENCE_CASES for m in ("reml", "ml")])
 def test_reference_fit_through_formula(name, method):
     ex, result = fitted(name, method)
-    ref = load_reference(CASES[name])[method.upper()]
+    ref = load_reference(REFERENCE_CASES[name])[method.upper()]
     assert bool(result.converged), result.message
     assert result.param_names == ex.model.param_names
     assert result.formula == ex.formula and result.n_dropped == 0

@@ -4,17 +4,9 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import load_reference
+from conftest import REFERENCE_CASES, load_reference
 
 import jreml
-
-CASES = {
-    "dyestuff": "dyestuff",
-    "sleepstudy": "sleepstudy_corr",
-    "penicillin": "penicillin",
-    "machines": "machines",
-    "john_alpha": "john_alpha",
-}
 
 
 @functools.cache
@@ -51,12 +43,12 @@ def lme4_components(block: dict) -> dict[str, float]:
     return out
 
 
-PARAMS = [(name, method) for name in CASES for method in ("reml", "ml")]
+PARAMS = [(name, method) for name in REFERENCE_CASES for method in ("reml", "ml")]
 
 
 @pytest.mark.parametrize("name,method", PARAMS)
 def test_loglik_and_fixed_effects(name, method):
-    ref = load_reference(CASES[name])[method.upper()]
+    ref = load_reference(REFERENCE_CASES[name])[method.upper()]
     ex, fit = fitted(name, method)
     assert bool(fit.converged), fit.message
     assert not bool(fit.singular)
@@ -74,7 +66,7 @@ def test_loglik_and_fixed_effects(name, method):
 
 @pytest.mark.parametrize("name,method", PARAMS)
 def test_variance_components(name, method):
-    ref = load_reference(CASES[name])[method.upper()]
+    ref = load_reference(REFERENCE_CASES[name])[method.upper()]
     _, fit = fitted(name, method)
     expected = lme4_components(ref)
     assert set(expected) == set(fit.param_names)
@@ -84,7 +76,7 @@ def test_variance_components(name, method):
 
 @pytest.mark.parametrize("name", ["dyestuff", "penicillin", "machines", "sleepstudy"])
 def test_blups_match_lme4_conditional_modes(name):
-    ref = load_reference(CASES[name])["REML"]["ranef"]
+    ref = load_reference(REFERENCE_CASES[name])["REML"]["ranef"]
     ex, fit = fitted(name, "reml")
     blups = fit.blup(with_sd=True)
     for group, block in ref.items():

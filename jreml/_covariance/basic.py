@@ -32,23 +32,11 @@ def _label(labels, i: int) -> str:
     return labels[i] if labels is not None else str(i)
 
 
-class IdentityMatrix(AbstractCovariance):
-    """I_n: no parameters (a known identity, e.g. the kernel of an iid random effect)."""
-
-    n: int = eqx.field(static=True)
-    name: str | None = eqx.field(static=True, default=None)
-
-    def __init__(self, n: int, name: str | None = None):
-        self.n = _check_size(n, "IdentityMatrix size n")
-        self.name = name
+class AbstractKnownMatrix(AbstractCovariance):
+    """A matrix without parameters (an identity, a fixed Z, a factor's incidence matrix): θ is empty."""
 
     num_free_params = property(lambda self: 0)
-    shape = property(lambda self: (self.n, self.n))
     scale_mask = property(lambda self: ())
-
-    def __call__(self, theta):
-        theta = self._check_theta(theta)
-        return jnp.eye(self.n, dtype=theta.dtype)
 
     def _local_names(self):
         return ()
@@ -58,6 +46,23 @@ class IdentityMatrix(AbstractCovariance):
 
     def default_theta(self, variance):
         return jnp.zeros((0,), float_dtype())
+
+
+class IdentityMatrix(AbstractKnownMatrix):
+    """I_n: no parameters (a known identity, e.g. the kernel of an iid random effect)."""
+
+    n: int = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, n: int, name: str | None = None):
+        self.n = _check_size(n, "IdentityMatrix size n")
+        self.name = name
+
+    shape = property(lambda self: (self.n, self.n))
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        return jnp.eye(self.n, dtype=theta.dtype)
 
 
 class ScalarMatrix(AbstractCovariance):
@@ -178,7 +183,29 @@ def _distance_matrix(n: int) -> np.ndarray:
     return np.abs(idx[:, None] - idx[None, :]).astype(np.float64)
 
 
-class AR1Matrix(AbstractCovariance):
+class AbstractVarianceCorrelation(AbstractCovariance):
+    """σ²·R(ρ) with θ = (θ₀, θ₁): σ² = ``transform``(θ₀), ρ = ``correlation``(θ₁); names "variance", "correlation"."""
+
+    num_free_params = property(lambda self: 2)
+    scale_mask = property(lambda self: (True, False))
+
+    def _variance_correlation(self, theta):
+        """(σ², ρ) at θ (checked)."""
+        theta = self._check_theta(theta)
+        return self.transform.forward(theta[0]), self.correlation.forward(theta[1])
+
+    def _local_names(self):
+        return ("variance", "correlation")
+
+    def build_params(self, theta):
+        return jnp.stack(self._variance_correlation(theta))
+
+    def default_theta(self, variance):
+        """θ of σ² = ``variance`` and ρ = 0."""
+        return jnp.stack([self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))])
+
+
+class AR1Matrix(AbstractVarianceCorrelation):
     """σ²·ρ^|i−j| (first-order autoregressive), σ² = exp(θ₀), ρ = tanh-like map of θ₁ onto (−1, 1)."""
 
     n: int = eqx.field(static=True)
@@ -192,32 +219,18 @@ class AR1Matrix(AbstractCovariance):
         self.transform = Exp()
         self.correlation = BoundedSigmoid(-1.0, 1.0)
 
-    num_free_params = property(lambda self: 2)
     shape = property(lambda self: (self.n, self.n))
-    scale_mask = property(lambda self: (True, False))
 
     def __call__(self, theta):
-        theta = self._check_theta(theta)
-        variance = self.transform.forward(theta[0])
-        rho = self.correlation.forward(theta[1])
+        variance, rho = self._variance_correlation(theta)
         lags = _distance_matrix(self.n).astype(np.int64)
         # ρ^lag by gathering from the cumulative product [1, ρ, ρ², …]: exact signs for ρ < 0, lag 0 gives
         # exactly 1, and value and gradient stay finite at ρ = 0 (the default start).
-        steps = jnp.concatenate([jnp.ones((1,), theta.dtype), jnp.broadcast_to(rho, (self.n - 1,))])
+        steps = jnp.concatenate([jnp.ones((1,), variance.dtype), jnp.broadcast_to(rho, (self.n - 1,))])
         return variance * jnp.cumprod(steps)[lags]
 
-    def _local_names(self):
-        return ("variance", "correlation")
 
-    def build_params(self, theta):
-        theta = self._check_theta(theta)
-        return jnp.stack([self.transform.forward(theta[0]), self.correlation.forward(theta[1])])
-
-    def default_theta(self, variance):
-        return jnp.stack([self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))])
-
-
-class CompoundSymmetricMatrix(AbstractCovariance):
+class CompoundSymmetricMatrix(AbstractVarianceCorrelation):
     """σ²·[(1−ρ)·I + ρ·11ᵀ], ρ ∈ (−1/(n−1), 1) so that the matrix stays positive definite."""
 
     n: int = eqx.field(static=True)
@@ -232,26 +245,12 @@ class CompoundSymmetricMatrix(AbstractCovariance):
         lo = -1.0 / (self.n - 1) if self.n > 1 else -1.0
         self.correlation = BoundedSigmoid(lo, 1.0)
 
-    num_free_params = property(lambda self: 2)
     shape = property(lambda self: (self.n, self.n))
-    scale_mask = property(lambda self: (True, False))
 
     def __call__(self, theta):
-        theta = self._check_theta(theta)
-        variance = self.transform.forward(theta[0])
-        rho = self.correlation.forward(theta[1])
-        eye = jnp.eye(self.n, dtype=theta.dtype)
+        variance, rho = self._variance_correlation(theta)
+        eye = jnp.eye(self.n, dtype=variance.dtype)
         return variance * ((1.0 - rho) * eye + rho * jnp.ones_like(eye))
-
-    def _local_names(self):
-        return ("variance", "correlation")
-
-    def build_params(self, theta):
-        theta = self._check_theta(theta)
-        return jnp.stack([self.transform.forward(theta[0]), self.correlation.forward(theta[1])])
-
-    def default_theta(self, variance):
-        return jnp.stack([self.transform.inverse(variance), self.correlation.inverse(jnp.zeros_like(variance))])
 
 
 class FixedMatrix(AbstractCovariance):

@@ -13,9 +13,10 @@ from jaxtyping import Array, Float, Int
 
 from .._config import as_float_array, float_dtype
 from .base import AbstractCovariance, RandomTerm
+from .basic import AbstractKnownMatrix
 
 
-class ConstantMatrix(AbstractCovariance):
+class ConstantMatrix(AbstractKnownMatrix):
     """A known matrix with no parameters (what a plain array operand becomes: a fixed Z, a known K)."""
 
     matrix: Float[Array, "r c"]
@@ -28,22 +29,11 @@ class ConstantMatrix(AbstractCovariance):
         self.matrix = matrix
         self.name = name
 
-    num_free_params = property(lambda self: 0)
     shape = property(lambda self: self.matrix.shape)
-    scale_mask = property(lambda self: ())
 
     def __call__(self, theta):
         theta = self._check_theta(theta)
         return self.matrix.astype(theta.dtype)
-
-    def _local_names(self):
-        return ()
-
-    def build_params(self, theta):
-        return self._check_theta(theta)
-
-    def default_theta(self, variance):
-        return jnp.zeros((0,), float_dtype())
 
 
 def as_module(x, what: str = "operand") -> AbstractCovariance:
@@ -85,7 +75,7 @@ def _factor_codes(values, position: int) -> tuple[np.ndarray, list[str]]:
     return codes.astype(np.int64).reshape(-1), names
 
 
-class DummyMatrix(AbstractCovariance):
+class DummyMatrix(AbstractKnownMatrix):
     """The n×q incidence (design) matrix of one factor, or of the interaction of several factors.
 
     Levels are sorted (numerically for integer factors, by code point for strings); the interaction of
@@ -124,23 +114,12 @@ class DummyMatrix(AbstractCovariance):
     def column_levels(self) -> tuple[str, ...]:
         return self.levels[1:] if self.drop_first else self.levels
 
-    num_free_params = property(lambda self: 0)
     shape = property(lambda self: (self.codes.shape[0], len(self.column_levels)))
-    scale_mask = property(lambda self: ())
 
     def __call__(self, theta):
         theta = self._check_theta(theta)
         onehot = jax.nn.one_hot(self.codes, self.n_levels, dtype=theta.dtype)
         return onehot[:, 1:] if self.drop_first else onehot
-
-    def _local_names(self):
-        return ()
-
-    def build_params(self, theta):
-        return self._check_theta(theta)
-
-    def default_theta(self, variance):
-        return jnp.zeros((0,), float_dtype())
 
     def mean_row_square_sum(self):
         if not self.drop_first:
