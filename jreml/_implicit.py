@@ -235,14 +235,14 @@ def _fitted_jvp(static, reml, primals, tangents):
     d_loglik = -u @ residual - 0.5 * d_trace + 0.5 * u @ d_v_u
     if reml:
         d_loglik = d_loglik - jnp.sum(d_X * b)
-    d_v_inv_x = cho_solve((c.chol_v, True), d_X - d_v_vx)
+    d_v_inv_x = cho_solve((c.factor, True), d_X - d_v_vx)
     d_xvx = d_X.T @ c.v_inv_x + c.v_inv_x.T @ d_X - c.v_inv_x.T @ d_v_vx
     # The whole n×n tangent only for chol(V) (JAX drops it unless something downstream uses the factor).
     d_v_total = jnp.einsum("kij,k->ij", curv.dv, d_theta)
     d_v_total = 0.5 * (d_v_total + d_v_total.T) + (d_v if model_moves else 0.0)
     d_core = Core(
         ok=np.zeros(c.ok.shape, dtype=jax.dtypes.float0),
-        chol_v=jnp.where(c.ok, _cholesky_tangent(c.chol_v, d_v_total), 0.0),
+        factor=jnp.where(c.ok, _cholesky_tangent(c.factor, d_v_total), 0.0),
         v_inv_x=d_v_inv_x,
         chol_xvx=_cholesky_tangent(c.chol_xvx, d_xvx),
         beta=d_beta,

@@ -29,7 +29,7 @@ Derivatives of V (``derivatives=``):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -42,10 +42,14 @@ METHODS = ("reml", "ml")
 
 
 class Core(NamedTuple):
-    """Quantities at one θ from a single Cholesky factorisation of V."""
+    """Quantities at one θ from a single factorisation of V.
+
+    ``factor`` is the back end's factorisation: chol(V) (n×n) here; the mixed-model-equations back end keeps
+    (σ², Λ, chol(A)) instead (``_backends.mme.MMEFactor``). The other fields mean the same for both.
+    """
 
     ok: Bool[Array, ""]
-    chol_v: Float[Array, "n n"]
+    factor: Any
     v_inv_x: Float[Array, "n p"]
     chol_xvx: Float[Array, "p p"]
     beta: Float[Array, " p"]
@@ -129,7 +133,7 @@ def cholesky_inverse(chol: Float[Array, "n n"]) -> Float[Array, "n n"]:
 
 def trace_weight(c: Core, reml: bool) -> Float[Array, "n n"]:
     """M = P (REML) or V⁻¹ (ML), from the Cholesky factors (no general matrix inverse)."""
-    v_inv = cholesky_inverse(c.chol_v)
+    v_inv = cholesky_inverse(c.factor)
     if not reml:
         return v_inv
     # P = V⁻¹ − B Bᵀ with B = V⁻¹X · chol(XᵀV⁻¹X)⁻ᵀ.

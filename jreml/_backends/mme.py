@@ -45,7 +45,7 @@ from jaxtyping import Array, Bool, Float
 
 from .._covariance.basic import DiagonalMatrix, IdentityMatrix, ScalarMatrix, UnstructuredMatrix
 from .._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
-from .._likelihood import INFORMATION, Derivatives, _cholesky
+from .._likelihood import INFORMATION, Core, Derivatives, _cholesky
 
 
 class Term(NamedTuple):
@@ -203,18 +203,12 @@ def prepare(structure: Structure, y, X, block_diagonal: bool | None = None) -> P
     return Prepared(Z, ztz, Z.T @ X, b0, y0, Z.T @ y0, blocks)
 
 
-class MMECore(NamedTuple):
-    """The dense ``Core``'s quantities (without the n×n factor) plus the q×q pieces of the Woodbury solve."""
+class MMEFactor(NamedTuple):
+    """The MME back end's factorisation of V, held in ``Core.factor``: σ², Λ and L = chol(A), A = ΛᵀZᵀZΛ/σ² + I."""
 
-    ok: Bool[Array, ""]
     sigma2: Float[Array, ""]
     lam: Float[Array, "q q"]
     chol_a: Float[Array, "q q"]
-    v_inv_x: Float[Array, "n p"]
-    chol_xvx: Float[Array, "p p"]
-    beta: Float[Array, " p"]
-    p_y: Float[Array, " n"]
-    loglik: Float[Array, ""]
 
 
 def _lambda(theta, structure: Structure):
@@ -225,10 +219,11 @@ def _sigma2(theta, structure: Structure):
     return structure.residual.transform.forward(theta[structure.residual_offset])
 
 
-def _v_inv(c: MMECore, data: Prepared, U, zt_u):
+def _v_inv(c: Core, data: Prepared, U, zt_u):
     """V⁻¹U for an n×r matrix U, given ZᵀU (q×r)."""
-    inner = c.lam @ cho_solve((c.chol_a, True), c.lam.T @ zt_u) / c.sigma2
-    return (U - data.Z @ inner) / c.sigma2
+    f = c.factor
+    inner = f.lam @ cho_solve((f.chol_a, True), f.lam.T @ zt_u) / f.sigma2
+    return (U - data.Z @ inner) / f.sigma2
 
 
 def _dense_solver(theta, structure: Structure, data: Prepared):
@@ -316,7 +311,7 @@ def _use_blocks(data: Prepared):
     return None if data.blocks is None else data.blocks.diagonal
 
 
-def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepared | None = None) -> MMECore:
+def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepared | None = None) -> Core:
     """ℓ, β̂, Py (and XᵀV⁻¹X's factor) at θ through the q×q mixed-model equations; same values as ``core``."""
     if data is None:
         data = prepare(structure, y, X)
@@ -331,7 +326,7 @@ def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepare
     )
 
 
-def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, *, block: bool) -> MMECore:
+def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, *, block: bool) -> Core:
     c, _ = _core_and_inner(theta, y, X, structure, reml, data, block=block)
     return c
 
@@ -360,7 +355,7 @@ def _core_and_inner(theta, y, X, structure: Structure, reml: bool, data: Prepare
         loglik = -0.5 * (logdet_v + n * log2pi + quad)
     ok = ok_a & ok_x & (sigma2 > 0) & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
-    return MMECore(ok, sigma2, lam, chol_a, v_inv_x, chol_xvx, beta, p_y, loglik), inner
+    return Core(ok, MMEFactor(sigma2, lam, chol_a), v_inv_x, chol_xvx, beta, p_y, loglik), inner
 
 
 def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool = False):
@@ -388,7 +383,7 @@ def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool =
 
 def mme_evaluate(
     theta, y, X, structure: Structure, *, reml: bool, information: str, data: Prepared | None = None
-) -> tuple[MMECore, Derivatives]:
+) -> tuple[Core, Derivatives]:
     """Core quantities, score and information (``"ai"``, ``"observed"`` or ``"none"``) at θ."""
     if information not in INFORMATION or information == "fisher":
         raise ValueError(f"the MME back end computes information 'ai', 'observed' or 'none', got {information!r}")
@@ -416,7 +411,7 @@ def _evaluate(theta, y, X, structure: Structure, reml: bool, information: str, d
         D = _dv_times_py(theta, structure, data, c.p_y, block)
         if block:
             inner = _block_solver(theta, structure, data)[-1]
-            m_d = (D - data.Z @ inner(data.Z.T @ D)) / c.sigma2
+            m_d = (D - data.Z @ inner(data.Z.T @ D)) / c.factor.sigma2
         else:
             m_d = _v_inv(c, data, D, data.Z.T @ D)
         if reml:
