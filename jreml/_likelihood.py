@@ -57,6 +57,19 @@ class Core(NamedTuple):
     loglik: Float[Array, ""]
 
 
+def gaussian_loglik(logdet_v, chol_xvx, quad, n: int, reml: bool):
+    """ℓ from its pieces (lme4's convention, p = rank X): log|V|, chol(XᵀV⁻¹X) (p×p) and rᵀV⁻¹r, r = y − Xβ̂.
+
+    ℓ_REML = −½[log|V| + log|XᵀV⁻¹X| + (n−p)·log 2π + rᵀV⁻¹r],   ℓ_ML = −½[log|V| + n·log 2π + rᵀV⁻¹r].
+    """
+    log2pi = math.log(2.0 * math.pi)
+    if reml:
+        p = chol_xvx.shape[0]
+        logdet_x = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_xvx)))
+        return -0.5 * (logdet_v + logdet_x + (n - p) * log2pi + quad)
+    return -0.5 * (logdet_v + n * log2pi + quad)
+
+
 def check_method(method: str) -> bool:
     """True for REML, False for ML; a clear error for anything else."""
     if method not in METHODS:
@@ -87,12 +100,7 @@ def core(theta, y, X, v_builder, reml: bool = True) -> Core:
     resid = y - X @ beta
     quad = resid @ p_y
     logdet_v = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_v)))
-    log2pi = math.log(2.0 * math.pi)
-    if reml:
-        logdet_x = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_xvx)))
-        loglik = -0.5 * (logdet_v + logdet_x + (n - p) * log2pi + quad)
-    else:
-        loglik = -0.5 * (logdet_v + n * log2pi + quad)
+    loglik = gaussian_loglik(logdet_v, chol_xvx, quad, n, reml)
     ok = ok_v & ok_x & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
     return Core(ok, chol_v, v_inv_x, chol_xvx, beta, p_y, loglik)

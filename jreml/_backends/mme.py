@@ -34,7 +34,6 @@ closed form), plus exactly one ``ScalarMatrix(n)`` residual.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -45,7 +44,7 @@ from jaxtyping import Array, Bool, Float
 
 from .._covariance.basic import DiagonalMatrix, IdentityMatrix, ScalarMatrix, UnstructuredMatrix
 from .._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
-from .._likelihood import INFORMATION, Core, Derivatives, _cholesky
+from .._likelihood import INFORMATION, Core, Derivatives, _cholesky, gaussian_loglik
 
 
 class Term(NamedTuple):
@@ -346,13 +345,7 @@ def _core_and_inner(theta, y, X, structure: Structure, reml: bool, data: Prepare
     resid = data.y0 - X @ delta
     beta = data.b0 + delta
     quad = resid @ p_y
-    logdet_v = n * jnp.log(sigma2) + logdet_a
-    log2pi = math.log(2.0 * math.pi)
-    if reml:
-        logdet_x = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_xvx)))
-        loglik = -0.5 * (logdet_v + logdet_x + (n - p) * log2pi + quad)
-    else:
-        loglik = -0.5 * (logdet_v + n * log2pi + quad)
+    loglik = gaussian_loglik(n * jnp.log(sigma2) + logdet_a, chol_xvx, quad, n, reml)
     ok = ok_a & ok_x & (sigma2 > 0) & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
     return Core(ok, MMEFactor(sigma2, lam, chol_a), v_inv_x, chol_xvx, beta, p_y, loglik), inner
