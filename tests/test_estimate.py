@@ -226,3 +226,19 @@ def test_float32_is_an_explicit_opt_in():
         timeout=300,
     )
     assert default.stdout.split() == ["True", "float64"]
+
+
+def test_compiler_options_apply_to_top_level_fits_only():
+    """The `jreml` command compiles at LLVM level 0 (``compiler_options``): same numbers; a fit traced inside
+    another jit (which jax.jit would refuse to give compiler options) still works; the options end with the block."""
+    from jreml._estimate import _COMPILER_OPTIONS, compiler_options
+
+    ex = jreml.example("dyestuff")
+    default = jreml.estimate(ex.model, ex.y, ex.X)
+    with compiler_options({"xla_backend_optimization_level": 0}):
+        quick = jreml.estimate(ex.model, ex.y, ex.X)
+        nested = jax.jit(lambda y: jreml.estimate(ex.model, y, ex.X).loglik)(ex.y)
+    assert _COMPILER_OPTIONS == {}
+    np.testing.assert_allclose(float(quick.loglik), float(default.loglik), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(quick.theta), np.asarray(default.theta), rtol=1e-9)
+    np.testing.assert_allclose(float(nested), float(default.loglik), rtol=1e-12)
