@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 import jreml
-from jreml._batch import fit_batch
+from jreml._batch import _auto_chunk, _low_rank_kernels, bytes_per_response, fit_batch
+from jreml._design.build import build_design
 from jreml._spectral import decompose, fit_rotated, rotate
 
 
@@ -146,7 +147,12 @@ def bench_dense(args):
     levels = data.a.tolist()
     relmat = {"a": pd.DataFrame(K1, index=levels, columns=levels), "b": pd.DataFrame(K2, index=levels, columns=levels)}
     formula = "y ~ 1 + x + (1 | a) + (1 | b)"
-    chunk = min(args.dense_chunk, T)
+    if args.dense_chunk == "auto":  # what fit_batch's chunk_size="auto" picks, so that the warm-up has that shape
+        design = build_design(formula, data.assign(y=Y[:, 0]), relmat)
+        fitted = _low_rank_kernels(design.model)
+        chunk = min(_auto_chunk(bytes_per_response(fitted, design.X.shape[1], spectral=False)), T)
+    else:
+        chunk = min(int(args.dense_chunk), T)
     t0 = time.perf_counter()
     fit_batch(formula, data, Y[:, :chunk], relmat=relmat, chunk_size=chunk)
     t_first = time.perf_counter() - t0
@@ -181,7 +187,7 @@ def main():
     parser.add_argument("--dense", action="store_true", help="also run (b), the dense two-kernel batch")
     parser.add_argument("--dense-n", type=int, default=2000)
     parser.add_argument("--dense-traits", type=int, default=1000)
-    parser.add_argument("--dense-chunk", type=int, default=64)
+    parser.add_argument("--dense-chunk", default="auto", help="(b): responses per chunk, or 'auto' (fit_batch's)")
     parser.add_argument("--dense-kernels", choices=("lowrank", "fullrank"), default="lowrank")
     parser.add_argument("--dense-check", type=int, default=3, help="(b): traits cross-checked against single fits")
     parser.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,7 @@ import pandas as pd
 from ._covariance.basic import FixedMatrix, ScalarMatrix
 from ._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, Sum
 from ._design.build import build_design
-from ._estimate import estimate
+from ._estimate import _mme_q, estimate
 from ._sharding import pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
 from ._spectral import decompose, fit_rotated, rotate, spectral_form
@@ -144,6 +144,33 @@ def _progress(done: int, total: int, width: int = 30):
     sys.stdout.flush()
 
 
+#: Working memory that ``chunk_size="auto"`` aims a chunk at, and the largest automatic chunk.
+CHUNK_MEMORY_BYTES = 2 * 2**30
+MAX_AUTO_CHUNK = 256
+
+
+def bytes_per_response(model, p: int, spectral: bool) -> int:
+    """Working memory of one response in a vmapped chunk, in bytes (float64; a measured rule of thumb).
+
+    Spectral path: (p + 4)·n numbers (the rotated response and its moments). Mixed-model equations (q random
+    effects): (4 + k)·q² + (2p + 2k + 4)·n. Dense path: (4 + 3k)·n², V, its factor and inverse and, for each of
+    the k parameters, ∂V/∂θ_j and the products that build it. XLA's memory analysis of the vmapped program, per
+    extra response, for k = 3: 11.6–13.2 n² for relationship-matrix terms Z·σ²K·Zᵀ (n = 150–400), 5.1–6.2 n² for
+    FixedMatrix terms (n = 300–600). The model's own constant matrices (K, Z) are shared and not counted.
+    """
+    n, k = model.shape[0], model.num_free_params
+    if spectral:
+        return 8 * (p + 4) * n
+    q = _mme_q(model)
+    if q is not None and q < n:
+        return 8 * ((4 + k) * q * q + (2 * p + 2 * k + 4) * n)
+    return 8 * (4 + 3 * k) * n * n
+
+
+def _auto_chunk(per_response: int) -> int:
+    return int(max(1, min(MAX_AUTO_CHUNK, CHUNK_MEMORY_BYTES // max(per_response, 1))))
+
+
 #: A relationship matrix of rank r ≤ this fraction of its size is fitted through its factor (``_low_rank_kernels``).
 LOW_RANK_FRACTION = 0.5
 #: Eigenvalues at or below this multiple of the largest count as zero when the rank of a relationship matrix is set.
@@ -200,7 +227,7 @@ def fit_batch(
     *,
     method: str = "reml",
     relmat: dict | None = None,
-    chunk_size: int = 256,
+    chunk_size: int | str = "auto",
     spectral: bool | None = None,
     verbose: int = 0,
     **fit_kwargs,
@@ -212,10 +239,13 @@ def fit_batch(
         data: a DataFrame with the covariates (and the responses, when given by name).
         responses: a list of column names, or an (n, T) array aligned with ``data``'s rows.
         relmat: as in :func:`jreml.fit` (``{"g": K}`` for ``(1 | g)``).
-        chunk_size: responses per compiled call (memory stays bounded); chunks are padded to one shape.
+        chunk_size: responses per compiled call; chunks are padded to one shape. ``"auto"`` (default) keeps a
+            chunk's working memory near 2 GiB (``bytes_per_response``): up to 256 responses, 5 for the dense
+            path at n = 2,000 with three variance components.
         spectral: ``None`` (default) uses the spectral fast path when the model is σ²_k·K + σ²_e·I and every
             option is one it understands; ``False`` forces the dense vmapped ``estimate``.
-        verbose: 1 prints a progress bar over chunks.
+        verbose: 1 prints the path, the working memory per response and the chunk size of each group of
+            responses, then a progress bar over chunks.
         fit_kwargs: options for :func:`jreml.estimate` (``max_iter``, ``tol_score``, ...).
 
     Responses with missing values are grouped by missingness pattern; each group is fitted on its own complete
@@ -223,8 +253,8 @@ def fit_batch(
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
+    if chunk_size != "auto" and (not isinstance(chunk_size, int | np.integer) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be 'auto' or an integer >= 1, got {chunk_size!r}")
     Y, names = _as_matrix(data, responses)
     T = Y.shape[1]
     rhs = _rhs(formula)
@@ -276,22 +306,28 @@ def fit_batch(
                 errors[names[j]] = "its complete rows give a different model (parameters or fixed effects)"
             continue
         rows = design.y.astype(int)
-        size = min(chunk_size, len(cols))
-        plan.append((cols, design, rows, _chunks(len(cols), size), size))
-    total_chunks = sum(len(c) for *_, c, _ in plan)
-    done = 0
-    for cols, design, rows, chunks, size in plan:
-        Yg = Y[np.ix_(rows, cols)].T  # (T_g, n_g)
         use_spectral = spectral
         form = spectral_form(design.model)
         if use_spectral is None:
             use_spectral = form is not None and set(fit_kwargs) <= SPECTRAL_OPTIONS
         if use_spectral and form is None:
             raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
+        fitted_model = design.model if use_spectral else _low_rank_kernels(design.model)
+        per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
+        size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
+        if verbose:
+            how = "spectral" if use_spectral else ("mixed-model equations" if _mme_q(fitted_model) else "dense")
+            print(
+                f"fit_batch: {len(cols)} responses, n = {len(rows)}, {how} path, ≈ {per_response / 2**20:.3g} MiB "
+                f"working memory per response, chunks of {size}"
+            )
+        plan.append((cols, design, rows, _chunks(len(cols), size), size, use_spectral, fitted_model))
+    total_chunks = sum(len(entry[3]) for entry in plan)
+    done = 0
+    for cols, design, rows, chunks, size, use_spectral, fitted_model in plan:
+        Yg = Y[np.ix_(rows, cols)].T  # (T_g, n_g)
         if use_spectral:
             sdesign = decompose(design.model, design.X)
-        else:
-            dense_model = _low_rank_kernels(design.model)
         padded = padded_size(size)
         for start, stop in chunks:
             block = pad_batch(Yg[start:stop], padded)
@@ -299,7 +335,7 @@ def fit_batch(
                 res = fit_rotated(sdesign, rotate(sdesign, block), method=method, place=shard_batch, **fit_kwargs)
             else:
                 options = tuple(sorted(fit_kwargs.items()))
-                res = _dense_batch(dense_model, shard_batch(block), design.X, method, options)
+                res = _dense_batch(fitted_model, shard_batch(block), design.X, method, options)
             idx = np.asarray(cols[start:stop])
             m = stop - start
             out["theta"][idx] = np.asarray(res.theta)[:m]
