@@ -32,7 +32,6 @@ from jax._src.lax import linalg as lax_linalg
 # for a per-matrix work measure that is cruder than the kernel's own.
 _KERNEL_SPLIT_WORK = 200_000
 _SAFE_GROUP_WORK = _KERNEL_SPLIT_WORK // 2
-_FIXED_IN = "jaxlib 0.11.2"
 _ENV = "JREML_SEQUENTIAL_LAPACK"
 
 # Primitive name → number of core (matrix) dimensions of each operand; the rest are leading batch dims.
