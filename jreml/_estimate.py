@@ -126,6 +126,12 @@ def _fit(
 
     singular_threshold = model.default_theta(scale * SINGULAR_RELATIVE_VARIANCE)
     snap = jnp.where(scale_mask, singular_threshold, -jnp.inf)
+    mme = None
+    if backend == "mme":
+        # Z, ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
+        structure = mme_structure(model)
+        data = prepare(structure, y, X, block_diagonal=mme_blocks)
+        mme = (mme_structure(model_values), _stop_gradient(data))
     out = run(
         model_values,
         y_values,
@@ -147,8 +153,7 @@ def _fit(
         min_iter=min_iter,
         em_plan=em_plan,
         verbose=verbose,
-        backend=backend,
-        mme_blocks=mme_blocks,
+        mme=mme,
     )
     theta = out.theta
     if throw:
@@ -157,8 +162,6 @@ def _fit(
     free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
     if backend == "mme":
         theta = implicit_theta_mme(theta, free, model, y, X, reml, mme_blocks)
-        structure = mme_structure(model)
-        data = prepare(structure, y, X, block_diagonal=mme_blocks)
         c, final = mme_evaluate(theta, y, X, structure, reml=reml, information="ai", data=data)
     else:
         theta, c = fitted_core(theta, free, model, y, X, reml)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._backends.mme import mme_evaluate, mme_structure, prepare
+from .._backends.mme import mme_evaluate
 from .._likelihood import core, derivatives_at
 from .base import AbstractAlgorithm, em_direction, free_mask
 
@@ -47,9 +47,6 @@ class Evaluation(NamedTuple):
     beta: Float[Array, " p"]
     score: Float[Array, " k"]
     information: Float[Array, "k k"]
-
-
-BACKENDS = ("dense", "mme")
 
 
 def evaluate(theta, y, X, model, *, reml, information, derivatives, dv_builder, mme=None) -> Evaluation:
@@ -153,17 +150,9 @@ def run(
     min_iter: int,
     em_plan,
     verbose: int,
-    backend: str = "dense",
-    mme_blocks: bool | None = None,
+    mme=None,
 ) -> LoopResult:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    mme = None
-    if backend == "mme":
-        structure = mme_structure(model)
-        if structure is None:
-            raise ValueError("backend='mme' needs a model sum_j Z_j G_j Z_j^T + s2*I with parameter-free Z_j")
-        mme = (structure, prepare(structure, y, X, block_diagonal=mme_blocks))
+    """``mme``: ``(structure, prepared)`` of the MME back end (``_backends.mme``), or None for the dense path."""
     ev_kwargs = dict(
         reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder, mme=mme
     )
