@@ -203,11 +203,14 @@ def prepare(structure: Structure, y, X, block_diagonal: bool | None = None) -> P
 
 
 class MMEFactor(NamedTuple):
-    """The MME back end's factorisation of V, held in ``Core.factor``: σ², Λ and L = chol(A), A = ΛᵀZᵀZΛ/σ² + I."""
+    """The MME back end's factorisation of V, held in ``Core.factor``: σ², Λ and L = chol(A), A = ΛᵀZᵀZΛ/σ² + I.
+
+    Λ and L are q×q matrices, or, on the block-diagonal path, stacks (m, b, b) of their diagonal blocks.
+    """
 
     sigma2: Float[Array, ""]
-    lam: Float[Array, "q q"]
-    chol_a: Float[Array, "q q"]
+    lam: Float[Array, "q q"] | Float[Array, "m b b"]
+    chol_a: Float[Array, "q q"] | Float[Array, "m b b"]
 
 
 def _lambda(theta, structure: Structure):
@@ -218,24 +221,28 @@ def _sigma2(theta, structure: Structure):
     return structure.residual.transform.forward(theta[structure.residual_offset])
 
 
-def _v_inv(c: Core, data: Prepared, U, zt_u):
-    """V⁻¹U for an n×r matrix U, given ZᵀU (q×r)."""
-    f = c.factor
-    inner = f.lam @ cho_solve((f.chol_a, True), f.lam.T @ zt_u) / f.sigma2
-    return (U - data.Z @ inner) / f.sigma2
+def _inner(f: MMEFactor, zt_u):
+    """Λ A⁻¹ Λᵀ z / σ² (q×r) for z = ZᵀU (q×r): the q×q part of the Woodbury solve."""
+    if f.lam.ndim == 3:  # m independent b×b problems
+        m, b, _ = f.lam.shape
+        zt_u = zt_u.reshape(m, b, -1)
+        solved = _small_cho_solve(f.chol_a, jnp.einsum("gji,gjr->gir", f.lam, zt_u))
+        return jnp.einsum("gij,gjr->gir", f.lam, solved).reshape(m * b, -1) / f.sigma2
+    return f.lam @ cho_solve((f.chol_a, True), f.lam.T @ zt_u) / f.sigma2
+
+
+def _v_inv(f: MMEFactor, data: Prepared, U):
+    """V⁻¹U for an n×r matrix U (Woodbury): (U − Z·Λ A⁻¹ Λᵀ ZᵀU / σ²) / σ²."""
+    return (U - data.Z @ _inner(f, data.Z.T @ U)) / f.sigma2
 
 
 def _dense_solver(theta, structure: Structure, data: Prepared):
-    """σ², Λ, chol(A), ok, log|A| and zᵀ ↦ Λ A⁻¹ Λᵀ z / σ² through the dense q×q factorisation."""
+    """(factor, ok, log|A|) through the dense q×q factorisation of A."""
     sigma2 = _sigma2(theta, structure)
     lam = _lambda(theta, structure)
     a = lam.T @ data.ztz @ lam / sigma2 + jnp.eye(structure.q, dtype=theta.dtype)
     chol_a, ok_a = _cholesky(0.5 * (a + a.T))
-
-    def inner(zt_u):
-        return lam @ cho_solve((chol_a, True), lam.T @ zt_u) / sigma2
-
-    return sigma2, lam, chol_a, ok_a, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_a))), inner
+    return MMEFactor(sigma2, lam, chol_a), ok_a, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_a)))
 
 
 def _block_factor(G, theta, m: int):
@@ -278,15 +285,15 @@ def _small_cho_solve(chol, rhs):
     return jnp.stack(back, axis=-2)
 
 
-def _dense_blocks(blocks, m: int):
+def _dense_blocks(blocks):
     """blockdiag of a stack (m, b, b) as a dense (m·b)×(m·b) matrix."""
-    b = blocks.shape[-1]
+    m, b, _ = blocks.shape
     eye = jnp.eye(m, dtype=blocks.dtype)
     return jnp.einsum("gij,gh->gihj", blocks, eye).reshape(m * b, m * b)
 
 
 def _block_solver(theta, structure: Structure, data: Prepared):
-    """``_dense_solver``'s quantities when ZᵀZ and Λ are block diagonal: m independent b×b problems."""
+    """``_dense_solver``'s (factor, ok, log|A|) when ZᵀZ and Λ are block diagonal: m independent b×b problems."""
     m, b = block_layout(structure)
     term = structure.terms[0]
     sigma2 = _sigma2(theta, structure)
@@ -296,47 +303,41 @@ def _block_solver(theta, structure: Structure, data: Prepared):
     ok_a = jnp.all(jnp.isfinite(chol))
     chol = jnp.where(ok_a, chol, jnp.eye(b, dtype=theta.dtype))
     logdet_a = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)))
-
-    def inner(zt_u):
-        zt_u = zt_u.reshape(m, b, -1)
-        solved = _small_cho_solve(chol, jnp.einsum("gji,gjr->gir", lam, zt_u))
-        return jnp.einsum("gij,gjr->gir", lam, solved).reshape(m * b, -1) / sigma2
-
-    return sigma2, _dense_blocks(lam, m), _dense_blocks(chol, m), ok_a, logdet_a, inner
+    return MMEFactor(sigma2, lam, chol), ok_a, logdet_a
 
 
-def _use_blocks(data: Prepared):
-    """The predicate of the block-diagonal path, or None when the model has no block layout."""
-    return None if data.blocks is None else data.blocks.diagonal
+def _on_path(data: Prepared, fn, theta):
+    """``fn(θ, block)`` on the path ``prepare`` chose: the block-diagonal one, the dense q×q one, or, when ZᵀZ's
+    structure is known only inside the program, both behind a ``lax.cond`` (the block branch's factor is then
+    made dense, so that both branches return the same shapes)."""
+    use_blocks = None if data.blocks is None else data.blocks.diagonal
+    if use_blocks is None or use_blocks is True:
+        return fn(theta, use_blocks is True)
+
+    def densify(x):
+        if isinstance(x, MMEFactor) and x.lam.ndim == 3:
+            return x._replace(lam=_dense_blocks(x.lam), chol_a=_dense_blocks(x.chol_a))
+        return x
+
+    def blocks_as_dense(t):
+        return jax.tree_util.tree_map(densify, fn(t, True), is_leaf=lambda x: isinstance(x, MMEFactor))
+
+    return jax.lax.cond(use_blocks, blocks_as_dense, lambda t: fn(t, False), theta)
 
 
 def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepared | None = None) -> Core:
     """ℓ, β̂, Py (and XᵀV⁻¹X's factor) at θ through the q×q mixed-model equations; same values as ``core``."""
     if data is None:
         data = prepare(structure, y, X)
-    use_blocks = _use_blocks(data)
-    if use_blocks is None or use_blocks is True:
-        return _core(theta, y, X, structure, reml, data, block=use_blocks is True)
-    return jax.lax.cond(
-        use_blocks,
-        lambda t: _core(t, y, X, structure, reml, data, block=True),
-        lambda t: _core(t, y, X, structure, reml, data, block=False),
-        theta,
-    )
+    return _on_path(data, lambda t, block: _core(t, y, X, structure, reml, data, block), theta)
 
 
-def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, *, block: bool) -> Core:
-    c, _ = _core_and_inner(theta, y, X, structure, reml, data, block=block)
-    return c
-
-
-def _core_and_inner(theta, y, X, structure: Structure, reml: bool, data: Prepared, *, block: bool):
+def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, block: bool) -> Core:
     n, p = X.shape
-    solver = _block_solver if block else _dense_solver
-    sigma2, lam, chol_a, ok_a, logdet_a, inner = solver(theta, structure, data)
+    factor, ok_a, logdet_a = (_block_solver if block else _dense_solver)(theta, structure, data)
     W = jnp.concatenate([X, data.y0[:, None]], axis=1)
     zt_w = jnp.concatenate([data.ztx, data.zty0[:, None]], axis=1)
-    v_inv_w = (W - data.Z @ inner(zt_w)) / sigma2
+    v_inv_w = (W - data.Z @ _inner(factor, zt_w)) / factor.sigma2
     v_inv_x, v_inv_y0 = v_inv_w[:, :p], v_inv_w[:, p]
     xvx = X.T @ v_inv_x
     chol_xvx, ok_x = _cholesky(0.5 * (xvx + xvx.T))
@@ -345,10 +346,10 @@ def _core_and_inner(theta, y, X, structure: Structure, reml: bool, data: Prepare
     resid = data.y0 - X @ delta
     beta = data.b0 + delta
     quad = resid @ p_y
-    loglik = gaussian_loglik(n * jnp.log(sigma2) + logdet_a, chol_xvx, quad, n, reml)
-    ok = ok_a & ok_x & (sigma2 > 0) & jnp.isfinite(loglik)
+    loglik = gaussian_loglik(n * jnp.log(factor.sigma2) + logdet_a, chol_xvx, quad, n, reml)
+    ok = ok_a & ok_x & (factor.sigma2 > 0) & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
-    return Core(ok, MMEFactor(sigma2, lam, chol_a), v_inv_x, chol_xvx, beta, p_y, loglik), inner
+    return Core(ok, factor, v_inv_x, chol_xvx, beta, p_y, loglik)
 
 
 def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool = False):
@@ -382,37 +383,25 @@ def mme_evaluate(
         raise ValueError(f"the MME back end computes information 'ai', 'observed' or 'none', got {information!r}")
     if data is None:
         data = prepare(structure, y, X)
-    use_blocks = _use_blocks(data)
-    if use_blocks is None or use_blocks is True:
-        return _evaluate(theta, y, X, structure, reml, information, data, block=use_blocks is True)
-    return jax.lax.cond(
-        use_blocks,
-        lambda t: _evaluate(t, y, X, structure, reml, information, data, block=True),
-        lambda t: _evaluate(t, y, X, structure, reml, information, data, block=False),
-        theta,
-    )
+    return _on_path(data, lambda t, block: _evaluate(t, y, X, structure, reml, information, data, block), theta)
 
 
-def _evaluate(theta, y, X, structure: Structure, reml: bool, information: str, data: Prepared, *, block: bool):
+def _evaluate(theta, y, X, structure: Structure, reml: bool, information: str, data: Prepared, block: bool):
     def loglik(t):
-        c = _core(t, y, X, structure, reml, data, block=block)
+        c = _core(t, y, X, structure, reml, data, block)
         return c.loglik, c
 
     (_, c), score = jax.value_and_grad(loglik, has_aux=True)(theta)
     k = theta.shape[0]
     if information == "ai":
         D = _dv_times_py(theta, structure, data, c.p_y, block)
-        if block:
-            inner = _block_solver(theta, structure, data)[-1]
-            m_d = (D - data.Z @ inner(data.Z.T @ D)) / c.factor.sigma2
-        else:
-            m_d = _v_inv(c, data, D, data.Z.T @ D)
+        m_d = _v_inv(c.factor, data, D)
         if reml:
             # P·D = V⁻¹D − V⁻¹X (XᵀV⁻¹X)⁻¹ (V⁻¹X)ᵀD.
             m_d = m_d - c.v_inv_x @ cho_solve((c.chol_xvx, True), c.v_inv_x.T @ D)
         info = 0.5 * D.T @ m_d
     elif information == "observed":
-        info = -jax.hessian(lambda t: _core(t, y, X, structure, reml, data, block=block).loglik)(theta)
+        info = -jax.hessian(lambda t: _core(t, y, X, structure, reml, data, block).loglik)(theta)
     else:
         info = jnp.zeros((k, k), theta.dtype)
     return c, Derivatives(score, 0.5 * (info + info.T))
