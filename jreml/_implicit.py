@@ -38,6 +38,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.scipy.linalg import cho_solve, solve_triangular
 
+from ._backends.mme import mme_core, mme_structure, prepare
 from ._likelihood import Core, core, trace_weight
 
 
@@ -115,8 +116,6 @@ def implicit_theta_mme(theta_hat, free, model, y, X, reml: bool, block_diagonal:
 
 
 def _mme_loglik(theta, dynamic, y, X, static, config):
-    from ._backends.mme import mme_core, mme_structure, prepare  # the back end imports _likelihood, as we do
-
     reml, block_diagonal = config
     model = eqx.combine(dynamic, static)
     structure = mme_structure(model)
