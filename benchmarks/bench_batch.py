@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 import jreml
-from jreml._batch import _auto_chunk, _low_rank_kernels, bytes_per_response, fit_batch
+from jreml._batch import _auto_chunk, batch_form, bytes_per_response, fit_batch
 from jreml._design.build import build_design
 from jreml._spectral import decompose, fit_rotated, rotate
 
@@ -119,15 +119,18 @@ def bench_kinship(args):
 def dense_kernels(n: int, kind: str, rng):
     """Two relationship matrices for (b). "lowrank": K1 = AAᵀ/50 (rank 50) and K2 = a 100-group indicator kernel
     (rank 100). "fullrank": a genomic relationship matrix of 5,000 markers and an RBF kernel on random 2-D
-    coordinates (both of rank n)."""
+    coordinates (both of rank n). "mixed": that genomic relationship matrix and the 100-group kernel."""
+    groups = rng.integers(0, 100, n)
+    group_kernel = (groups[:, None] == groups[None, :]).astype(float)
     if kind == "lowrank":
         A = rng.normal(size=(n, 50))
-        groups = rng.integers(0, 100, n)
-        return A @ A.T / 50, (groups[:, None] == groups[None, :]).astype(float)
+        return A @ A.T / 50, group_kernel
     markers = rng.binomial(2, 0.3, (n, 5000)).astype(float)
     markers -= markers.mean(axis=0)
     K1 = markers @ markers.T / markers.shape[1]
     K1 = K1 / np.mean(np.diag(K1)) + 1e-4 * np.eye(n)
+    if kind == "mixed":
+        return K1, group_kernel
     coords = rng.uniform(0.0, 10.0, (n, 2))
     K2 = np.exp(-0.5 * np.sum((coords[:, None, :] - coords[None, :, :]) ** 2, axis=-1) / 1.5**2)
     return K1, K2 + 1e-6 * np.eye(n)
@@ -149,7 +152,7 @@ def bench_dense(args):
     formula = "y ~ 1 + x + (1 | a) + (1 | b)"
     if args.dense_chunk == "auto":  # what fit_batch's chunk_size="auto" picks, so that the warm-up has that shape
         design = build_design(formula, data.assign(y=Y[:, 0]), relmat)
-        fitted = _low_rank_kernels(design.model)
+        fitted, _ = batch_form(design.model, spectral=False)
         chunk = min(_auto_chunk(bytes_per_response(fitted, design.X.shape[1], spectral=False)), T)
     else:
         chunk = min(int(args.dense_chunk), T)
@@ -188,7 +191,7 @@ def main():
     parser.add_argument("--dense-n", type=int, default=2000)
     parser.add_argument("--dense-traits", type=int, default=1000)
     parser.add_argument("--dense-chunk", default="auto", help="(b): responses per chunk, or 'auto' (fit_batch's)")
-    parser.add_argument("--dense-kernels", choices=("lowrank", "fullrank"), default="lowrank")
+    parser.add_argument("--dense-kernels", choices=("lowrank", "mixed", "fullrank"), default="lowrank")
     parser.add_argument("--dense-check", type=int, default=3, help="(b): traits cross-checked against single fits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-a", action="store_true", help="run (b) only")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import numpy as np
 import pandas as pd
 
-from ._covariance.basic import FixedMatrix, ScalarMatrix
+from ._backends.mme import mme_structure
+from ._covariance.basic import FixedMatrix, KnownDiagonalMatrix, ScalarMatrix
 from ._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, Sum
 from ._design.build import build_design
 from ._estimate import _mme_q, estimate
@@ -161,9 +163,12 @@ def bytes_per_response(model, p: int, spectral: bool) -> int:
     n, k = model.shape[0], model.num_free_params
     if spectral:
         return 8 * (p + 4) * n
-    q = _mme_q(model)
-    if q is not None and q < n:
-        return 8 * ((4 + k) * q * q + (2 * p + 2 * k + 4) * n)
+    structure = mme_structure(model)
+    if structure is not None and structure.q < n:
+        q = structure.q
+        # A heteroscedastic residual rebuilds ZᵀR⁻¹Z per evaluation from an n×q copy of Z scaled by R⁻¹.
+        scaled_z = 2 * n * q if structure.heteroscedastic else 0
+        return 8 * ((4 + k) * q * q + (2 * p + 2 * k + 4) * n + scaled_z)
     return 8 * (4 + 3 * k) * n * n
 
 
@@ -213,6 +218,82 @@ def _low_rank_kernels(model):
     rewritten = Sum(*terms, name=model.name)
     assert rewritten.param_names == model.param_names, (rewritten.param_names, model.param_names)
     return rewritten
+
+
+class KernelRotation(NamedTuple):
+    """A model rewritten in the eigenbasis of its one full-rank kernel (``_rotate_kernel``): fit ``model`` to Uᵀy
+    with fixed effects UᵀX."""
+
+    model: Sum
+    U: np.ndarray  # (n, n) eigenvectors of the kernel on the observations
+
+
+def _kernel_on_rows(term) -> tuple[np.ndarray, str, object] | None:
+    """(K on the observations (n×n), parameter label, transform) of a one-variance known-kernel term σ²·K or
+    Z·σ²K·Zᵀ with a fixed Z; None for any other term."""
+    if isinstance(term, FixedMatrix):
+        return np.asarray(term.K, dtype=float), term.label, term.transform
+    if not (isinstance(term, CovariancePropagation) and isinstance(term.G, FixedMatrix) and not term.Z.num_free_params):
+        return None
+    K = np.asarray(term.G.K, dtype=float)
+    if isinstance(term.Z, DummyMatrix) and not term.Z.drop_first:
+        codes = np.asarray(term.Z.codes)
+        on_rows = K[np.ix_(codes, codes)]
+    else:
+        z = np.asarray(term.Z(jax.numpy.zeros((0,))), dtype=float)
+        on_rows = z @ K @ z.T
+    label = ".".join(part for part in (term.label, term.G.label) if part)
+    return on_rows, label or None, term.G.transform
+
+
+def _rotate_kernel(model) -> KernelRotation | None:
+    """The model σ²_K·K_n + Σ_j Z_j G_j Z_jᵀ + σ²_e·I, with one kernel K_n (n×n on the observations, full rank) and
+    random terms of q = Σ q_j ≤ n/2 effects, rewritten exactly in K_n's eigenbasis K_n = U diag(λ) Uᵀ:
+
+        Uᵀ V U = σ²_K·diag(λ) + σ²_e·I + Σ_j (UᵀZ_j) G_j (UᵀZ_j)ᵀ
+
+    a heteroscedastic diagonal residual plus q random effects: the mixed-model-equations back end fits it in
+    O(n q² + q³) per iteration instead of the dense O(n³), after one O(n³) eigendecomposition shared by all
+    responses (e.g. a genomic relationship matrix plus a cage, batch or environment effect). The likelihood is
+    unchanged by the orthogonal rotation (ỹ = Uᵀy, X̃ = UᵀX), and so are θ, β and their information; the
+    parameters and their names stay the same. None when the model has another form.
+    """
+    if not isinstance(model, Sum):
+        return None
+    n = model.shape[0]
+    kernels = [(i, _kernel_on_rows(term)) for i, term in enumerate(model.terms)]
+    kernels = [(i, kernel) for i, kernel in kernels if kernel is not None]
+    if len(kernels) != 1:
+        return None
+    index, (K, label, transform) = kernels[0]
+    others = [term for i, term in enumerate(model.terms) if i != index]
+    rest = mme_structure(Sum(*others)) if len(others) > 1 else None
+    if rest is None or rest.heteroscedastic or rest.q > LOW_RANK_FRACTION * n:
+        return None
+    eigenvalues, U = np.linalg.eigh(0.5 * (K + K.T))
+    terms = []
+    for i, term in enumerate(model.terms):
+        if i == index:
+            term = KnownDiagonalMatrix(np.clip(eigenvalues, 0.0, None), name=label, transform=transform)
+        elif isinstance(term, CovariancePropagation):
+            z = np.asarray(term.Z(jax.numpy.zeros((0,))), dtype=float)
+            term = CovariancePropagation(ConstantMatrix(U.T @ z), term.G, name=term.name)
+        terms.append(term)
+    rotated = Sum(*terms, name=model.name)
+    if rotated.param_names != model.param_names:
+        return None
+    return KernelRotation(rotated, U)
+
+
+def batch_form(model, spectral: bool) -> tuple[object, KernelRotation | None]:
+    """The model ``fit_batch`` fits, and the rotation of the data it needs (or None): the model itself on the
+    spectral path, else low-rank kernels through their factors (``_low_rank_kernels``) and, when that leaves no
+    mixed-model-equations form, one full-rank kernel in its eigenbasis (``_rotate_kernel``)."""
+    if spectral:
+        return model, None
+    model = _low_rank_kernels(model)
+    rotation = None if _mme_q(model) else _rotate_kernel(model)
+    return (model, None) if rotation is None else (rotation.model, rotation)
 
 
 @eqx.filter_jit
@@ -312,20 +393,25 @@ def fit_batch(
             use_spectral = form is not None and set(fit_kwargs) <= SPECTRAL_OPTIONS
         if use_spectral and form is None:
             raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
-        fitted_model = design.model if use_spectral else _low_rank_kernels(design.model)
+        fitted_model, rotation = batch_form(design.model, use_spectral)
         per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
         size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
         if verbose:
             how = "spectral" if use_spectral else ("mixed-model equations" if _mme_q(fitted_model) else "dense")
+            if rotation is not None:
+                how += " (in the kernel's eigenbasis)"
             print(
                 f"fit_batch: {len(cols)} responses, n = {len(rows)}, {how} path, ≈ {per_response / 2**20:.3g} MiB "
                 f"working memory per response, chunks of {size}"
             )
-        plan.append((cols, design, rows, _chunks(len(cols), size), size, use_spectral, fitted_model))
+        plan.append((cols, design, rows, _chunks(len(cols), size), size, use_spectral, fitted_model, rotation))
     total_chunks = sum(len(entry[3]) for entry in plan)
     done = 0
-    for cols, design, rows, chunks, size, use_spectral, fitted_model in plan:
+    for cols, design, rows, chunks, size, use_spectral, fitted_model, rotation in plan:
         Yg = Y[np.ix_(rows, cols)].T  # (T_g, n_g)
+        X = design.X
+        if rotation is not None:
+            Yg, X = Yg @ rotation.U, (rotation.U.T @ np.asarray(X)).astype(np.asarray(X).dtype)
         if use_spectral:
             sdesign = decompose(design.model, design.X)
         padded = padded_size(size)
@@ -335,7 +421,7 @@ def fit_batch(
                 res = fit_rotated(sdesign, rotate(sdesign, block), method=method, place=shard_batch, **fit_kwargs)
             else:
                 options = tuple(sorted(fit_kwargs.items()))
-                res = _dense_batch(fitted_model, shard_batch(block), design.X, method, options)
+                res = _dense_batch(fitted_model, shard_batch(block), X, method, options)
             idx = np.asarray(cols[start:stop])
             m = stop - start
             out["theta"][idx] = np.asarray(res.theta)[:m]

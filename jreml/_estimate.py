@@ -361,7 +361,7 @@ def _resolve_backend(backend: str, mme_q, n: int, information: str, derivatives:
         raise ValueError(
             'backend="mme" needs V = sum_j Z_j G_j Z_j^T + s2*I: a Sum of CovariancePropagation terms with a '
             "DummyMatrix or constant Z and a Scalar/Diagonal/Unstructured/Identity/Kronecker G, plus one "
-            "ScalarMatrix(n) residual"
+            "ScalarMatrix(n) residual (and optionally KnownDiagonalMatrix(d) terms)"
         )
     # Fisher information and the explicit ∂V/∂θ modes need the n×n matrices: dense.
     if backend == "dense" or mme_q is None or information == "fisher" or derivatives != "auto":

@@ -8,8 +8,8 @@ LAST such term is the residual σ²·I and V(θ) = σ²·V₀(φ), where V₀(φ
 term at σ² = 1 and every other term at its *relative* parameters φ: the θ that gives that term's matrix divided
 by σ². The map θ ↔ (φ, σ²) is exact, per module (``c = σ²``, applied to every non-residual term):
 
-- ``Exp`` variances (ScalarMatrix, DiagonalMatrix, FixedMatrix, the variance of AR1 / compound symmetry):
-  φ = θ − log(c)/power (power 1: log-variance minus log σ²). Correlations are unchanged.
+- ``Exp`` variances (ScalarMatrix, DiagonalMatrix, FixedMatrix, KnownDiagonalMatrix, the variance of AR1 /
+  compound symmetry): φ = θ − log(c)/power (power 1: log-variance minus log σ²). Correlations are unchanged.
 - ``UnstructuredMatrix`` (log-Cholesky): diagonal φ = θ − ½·log c, off-diagonal φ = θ / √c.
 - ``CovariancePropagation``: its G is rescaled (Z unchanged); ``KroneckerProduct``: A if A has parameters,
   otherwise B; a nested ``Sum``: every term.
@@ -43,6 +43,7 @@ from ._covariance.basic import (
     CompoundSymmetricMatrix,
     DiagonalMatrix,
     FixedMatrix,
+    KnownDiagonalMatrix,
     ScalarMatrix,
     UnstructuredMatrix,
 )
@@ -52,7 +53,7 @@ from ._likelihood import check_method, core
 
 def rescale_theta(module: AbstractCovariance, theta, log_c):
     """θ' with module(θ') = exp(log_c)·module(θ) (see the module docstring); ValueError if impossible."""
-    if isinstance(module, ScalarMatrix | DiagonalMatrix | FixedMatrix):
+    if isinstance(module, ScalarMatrix | DiagonalMatrix | FixedMatrix | KnownDiagonalMatrix):
         return theta + log_c / module.transform.power
     if isinstance(module, AR1Matrix | CompoundSymmetricMatrix):
         return jnp.concatenate([theta[:1] + log_c / module.transform.power, theta[1:]])

@@ -12,6 +12,7 @@ from ._covariance.basic import CompoundSymmetricMatrix as CompoundSymmetricMatri
 from ._covariance.basic import DiagonalMatrix as DiagonalMatrix
 from ._covariance.basic import FixedMatrix as FixedMatrix
 from ._covariance.basic import IdentityMatrix as IdentityMatrix
+from ._covariance.basic import KnownDiagonalMatrix as KnownDiagonalMatrix
 from ._covariance.basic import ScalarMatrix as ScalarMatrix
 from ._covariance.basic import UnstructuredMatrix as UnstructuredMatrix
 from ._covariance.compose import ConstantMatrix as ConstantMatrix

@@ -142,7 +142,7 @@ def test_low_rank_relationship_matrices_are_fitted_through_their_factor():
     for theta in (jnp.asarray([0.3, -0.2, 0.1]), jnp.asarray([-1.0, 0.5, 0.0])):
         np.testing.assert_allclose(np.asarray(rewritten(theta)), np.asarray(model(theta)), rtol=0, atol=1e-9)
     full = build_design(formula, data.assign(y=Y[:, 0]), {"a": K_full, "b": K_groups}).model
-    assert _mme_q(_low_rank_kernels(full)) is None  # one term full rank: stays dense
+    assert _mme_q(_low_rank_kernels(full)) is None  # one term full rank: not through a factor
 
     relmat = {"a": K_low, "b": K_groups}
     out = fit_batch(formula, data, Y, relmat=relmat)
@@ -163,9 +163,9 @@ def test_auto_chunks_bound_the_working_memory(capsys):
     from jreml._batch import CHUNK_MEMORY_BYTES, _auto_chunk, bytes_per_response
     from jreml._design.build import build_design
 
-    data, Y, _, K_groups, K_full = _two_kernel_data(n=150, T=8)
+    data, Y, _, _, K_full = _two_kernel_data(n=150, T=8)
     formula = "y ~ 1 + x + (1 | a) + (1 | b)"
-    relmat = {"a": K_full, "b": K_groups}
+    relmat = {"a": K_full, "b": K_full**2}  # two full-rank kernels (Schur product): the dense path
     design = build_design(formula, data.assign(y=Y[:, 0]), relmat)
     model, X = design.model, design.X
     n, k = 150, model.num_free_params
@@ -190,3 +190,43 @@ def test_auto_chunks_bound_the_working_memory(capsys):
     assert out.converged.all()
     printed = capsys.readouterr().out
     assert "dense path" in printed and "MiB working memory per response" in printed and "chunks of 8" in printed
+
+
+def test_one_full_rank_kernel_is_fitted_in_its_eigenbasis(capsys):
+    """A full-rank relmat plus q ≤ n/2 other random effects (a low-rank relmat, a grouping factor): fit_batch fits
+    Uᵀy with V rotated by K's eigenvectors, σ²_K·diag(λ) + (UᵀZ) G (UᵀZ)ᵀ + σ²_e·I, through the mixed-model
+    equations; the same fits as separate dense jreml.fit calls, a missingness pattern included."""
+    import jax.numpy as jnp
+
+    from jreml._backends.mme import mme_structure
+    from jreml._batch import batch_form
+    from jreml._design.build import build_design
+
+    data, Y, _, K_groups, K_full = _two_kernel_data(T=4)
+    data["g"] = (np.arange(len(data)) % 7).astype(str)
+    Y[:6, 1] = np.nan
+    formula = "y ~ 1 + x + (1 | a) + (1 | b) + (1 | g)"
+    relmat = {"a": K_full, "b": K_groups}
+    model = build_design(formula, data.assign(y=Y[:, 0]), relmat).model
+    fitted, rotation = batch_form(model, spectral=False)
+    structure = mme_structure(fitted)
+    assert rotation is not None and structure.heteroscedastic and structure.q == 10 + 7
+    assert fitted.param_names == model.param_names
+    U = rotation.U
+    for theta in (jnp.asarray([0.3, -0.2, 0.1, 0.0]), jnp.asarray([-1.0, 0.5, 0.0, 1.0])):
+        np.testing.assert_allclose(np.asarray(fitted(theta)), U.T @ np.asarray(model(theta)) @ U, atol=1e-10)
+    two_full = build_design(formula, data.assign(y=Y[:, 0]), {"a": K_full, "b": K_full**2}).model
+    assert batch_form(two_full, spectral=False)[1] is None  # two full-rank kernels: the dense path
+
+    out = fit_batch(formula, data, Y, relmat=relmat, verbose=1)
+    assert "mixed-model equations (in the kernel's eigenbasis) path" in capsys.readouterr().out
+    assert out.converged.all() and not out.spectral.any()
+    assert out.h2 is None  # two relationship matrices: no single h²
+    assert list(out.n_obs) == [120, 114, 120, 120]
+    for j in range(Y.shape[1]):
+        single = jreml.fit(formula, data.assign(y=Y[:, j]), relmat=relmat)
+        assert int(single.nobs) == out.n_obs[j]
+        np.testing.assert_allclose(out.loglik[j], float(single.loglik), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(out.params[j], np.asarray(single.natural_params), rtol=1e-6)
+        np.testing.assert_allclose(out.beta[j], np.asarray(single.beta), rtol=1e-7)
+        np.testing.assert_allclose(out.se_beta[j], np.asarray(single.se_beta), rtol=1e-6)

@@ -24,6 +24,7 @@ from jreml.covariance import (
     Exp,
     FixedMatrix,
     IdentityMatrix,
+    KnownDiagonalMatrix,
     KroneckerProduct,
     LogCholesky,
     RandomTerm,
@@ -44,6 +45,7 @@ K4 = np.array(
         [0.0, 0.2, 0.1, 1.5],
     ]
 )
+D4 = np.array([0.0, 0.5, 1.5, 2.0])  # known relative variances (a zero allowed)
 Z_DENSE = np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 2.0], [0.3, 0.0, 1.0], [1.0, 1.0, 1.0]])
 FEW = settings(max_examples=8, deadline=None, database=None)
 
@@ -117,6 +119,7 @@ DENSE_CASES = {
     "cs": (lambda: CompoundSymmetricMatrix(N), lambda t: np_cs(t, N)),
     "fixed": (lambda: FixedMatrix(K4), lambda t: np.exp(t[0]) * K4),
     "fixed_exp2": (lambda: FixedMatrix(K4, transform=Exp(2.0)), lambda t: np.exp(2 * t[0]) * K4),
+    "known_diagonal": (lambda: KnownDiagonalMatrix(D4), lambda t: np.exp(t[0]) * np.diag(D4)),
     "constant": (lambda: ConstantMatrix(K4), lambda t: K4),
     "dummy": (lambda: DummyMatrix(GROUPS), lambda t: onehot(GROUP_CODES, 3)),
     "sum": (
@@ -395,6 +398,31 @@ def test_fixed_matrix():
 def test_fixed_matrix_rejects_bad_K(K, message):
     with pytest.raises(ValueError, match=message):
         FixedMatrix(K)
+
+
+def test_known_diagonal_matrix():
+    m = KnownDiagonalMatrix(D4, name="k")
+    assert (m.num_free_params, m.shape, m.scale_mask) == (1, (N, N), (True,))
+    assert m.param_names == ("k.variance",)
+    np.testing.assert_allclose(m.build_params(jnp.array([0.4])), [np.exp(0.4)], rtol=1e-14)
+    assert m.em_plan() == ((N, 1.0),)
+    # the default θ gives a mean diagonal equal to the variance asked for, as FixedMatrix's does
+    np.testing.assert_allclose(np.mean(np.diag(m(m.default_theta(jnp.asarray(3.0))))), 3.0, rtol=1e-14)
+    assert KnownDiagonalMatrix(np.zeros(3)).default_theta(jnp.asarray(2.0)).shape == (1,)
+
+
+@pytest.mark.parametrize(
+    "d, message",
+    [
+        (np.ones((2, 2)), "vector"),
+        (np.ones(0), "vector"),
+        (np.array([1.0, -0.5, 2.0]), "entry 1 is -0.5"),
+        (np.array([1.0, np.nan, np.inf]), "entry 1 is nan .2 such entries"),
+    ],
+)
+def test_known_diagonal_matrix_rejects_bad_d(d, message):
+    with pytest.raises(ValueError, match=message):
+        KnownDiagonalMatrix(d)
 
 
 def test_fixed_matrix_rejects_complex_K():

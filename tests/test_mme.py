@@ -25,6 +25,7 @@ from jreml.covariance import (
     DummyMatrix,
     FixedMatrix,
     IdentityMatrix,
+    KnownDiagonalMatrix,
     KroneckerProduct,
     ScalarMatrix,
     UnstructuredMatrix,
@@ -353,11 +354,68 @@ def _n_by_n_values(jaxpr, n):
     return found
 
 
-@pytest.mark.parametrize("case", ["sleepstudy", "b=3", "overlapping groups"])
+def _heteroscedastic(n=150, m=6, seed=3):
+    """y, X and V = Z_g σ²_g Z_gᵀ + Z_c G Z_cᵀ + σ²I + σ²_1·diag(d_1) + σ²_2·diag(d_2): a grouping factor, two dense
+    random effects with a dense Z, and two known diagonals (d_1 with zeros, as the eigenvalues of a singular kernel)."""
+    rng = np.random.default_rng(seed)
+    groups = np.arange(n) % m
+    Zc = rng.normal(size=(n, 10))
+    d1 = np.where(np.arange(n) < 10, 0.0, rng.uniform(0.0, 3.0, n))
+    d2 = rng.exponential(1.0, n) ** 2
+    model = (
+        KnownDiagonalMatrix(d1, name="kernel")
+        + CovariancePropagation(DummyMatrix(groups), ScalarMatrix(m), name="g")
+        + CovariancePropagation(Zc, ScalarMatrix(10), name="dense")
+        + ScalarMatrix(n, name="residual")
+        + KnownDiagonalMatrix(d2, name="weights")
+    )
+    X = jnp.asarray(np.column_stack([np.ones(n), rng.normal(size=n)]))
+    signal = np.sqrt(1.5 * d1 + 2.0 * d2) * rng.normal(size=n) + 0.8 * rng.normal(size=m)[groups]
+    y = jnp.asarray(X @ np.array([1.0, -0.5]) + signal + 0.7 * Zc @ rng.normal(size=10) + rng.normal(size=n))
+    return model, y, X
+
+
+def test_heteroscedastic_residual_is_recognised():
+    model, y, X = _heteroscedastic()
+    structure = mme_structure(model)
+    assert structure.heteroscedastic and structure.q == 6 + 10
+    assert [part.offset for part in structure.residual] == [3, 0, 4]  # the ScalarMatrix first
+    assert block_layout(structure) is None and static_block_diagonal(structure) is None
+    assert not mme_structure(model.terms[2] + model.terms[3]).heteroscedastic
+    # without a ScalarMatrix residual (R could be singular) it is not an MME model
+    assert mme_structure(model.terms[1] + KnownDiagonalMatrix(np.ones(150))) is None
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_heteroscedastic_core_and_derivatives_match_dense(method):
+    model, y, X = _heteroscedastic()
+    n = y.shape[0]
+    optimum = jreml.estimate(model, y, X, method=method, backend="dense").theta
+    for theta in (model.default_theta(jnp.var(y)), optimum, optimum + 0.3 * jnp.sin(jnp.arange(1.0, 6.0))):
+        out = both_paths(theta, y, X, model, method == "reml", ("ai", "observed", "none"))
+        assert bool(out.pop("ok")[1])
+        for key, (dense, mme) in out.items():
+            atol = RTOL * n if key.startswith("score") else 0.0
+            assert_close(mme, dense, rtol=1e-9, atol=atol)
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_heteroscedastic_fits_match_dense(method):
+    model, y, X = _heteroscedastic()
+    auto = jreml.estimate(model, y, X, method=method)
+    mme = jreml.estimate(model, y, X, method=method, backend="mme")
+    dense = jreml.estimate(model, y, X, method=method, backend="dense")
+    assert_same_fit(mme, dense)
+    assert_same_fit(auto, mme, rtol=0.0)
+
+
+@pytest.mark.parametrize("case", ["sleepstudy", "b=3", "overlapping groups", "heteroscedastic"])
 def test_gradient_through_mme_fit_has_no_n_by_n_matrix_and_matches_dense(case):
     """dθ̂ for the MME back end comes from autodiff of the MME log-likelihood (q×q), not the dense n×n rule."""
     if case == "sleepstudy":
         model, y, X = example("sleepstudy")
+    elif case == "heteroscedastic":
+        model, y, X = _heteroscedastic()
     else:
         model, y, X = _models_with_a_block_layout()[case][:3]
     n = y.shape[0]

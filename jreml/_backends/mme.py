@@ -1,4 +1,4 @@
-r"""Mixed-model-equations (MME) back end: V = Σ_j Z_j G_j(θ_j) Z_jᵀ + σ²·I_n without any n×n matrix.
+r"""Mixed-model-equations (MME) back end: V = Σ_j Z_j G_j(θ_j) Z_jᵀ + R(θ) without any n×n matrix.
 
 With Z = [Z_1 … Z_m] (n×q), G = blockdiag(G_j) = Λ Λᵀ (Λ lower triangular, built from each G_j's own
 factor) and A = ΛᵀZᵀZΛ/σ² + I_q = L Lᵀ (q×q), Woodbury and the matrix-determinant lemma give
@@ -9,6 +9,11 @@ factor) and A = ΛᵀZᵀZΛ/σ² + I_q = L Lᵀ (q×q), Woodbury and the matrix
 
 Everything else (XᵀV⁻¹X, β̂, Py, ℓ_REML / ℓ_ML) is computed exactly as the dense ``core`` does, so both
 back ends evaluate the same function of θ. One evaluation costs O(q³ + nq(p + 1) + np²).
+
+Heteroscedastic residual: R(θ) = σ²·I + Σ_j σ²_j·diag(d_j) with known d_j ≥ 0 (``KnownDiagonalMatrix`` terms,
+e.g. a kernel's eigenvalues once its eigenvectors rotated the data, or inverse prior weights). Then
+A = ΛᵀZᵀR⁻¹ZΛ + I, log|V| = Σ_i log r_i + 2·log|L| and V⁻¹u = R⁻¹u − R⁻¹ZΛ A⁻¹ ΛᵀZᵀR⁻¹u. ZᵀR⁻¹Z changes with θ,
+so an evaluation costs O(nq² + q³) instead of O(q³) once ZᵀZ is known; the block-diagonal path is not used.
 
 Derivatives: the score is ``jax.grad`` of this log-likelihood (reverse mode through q×q factorisations
 only); the AI matrix ½(V_k Py)ᵀ M (V_l Py) takes V_k·Py = Z·(∂G/∂θ_k)·ZᵀPy + (∂σ²/∂θ_k)·Py by forward
@@ -29,7 +34,7 @@ Both paths compute the same function of θ.
 Recognised models (``mme_structure``): a top-level ``Sum`` of ``CovariancePropagation`` terms whose Z is a
 ``DummyMatrix`` or a ``ConstantMatrix`` and whose G is built from ``ScalarMatrix``, ``DiagonalMatrix``,
 ``UnstructuredMatrix``, ``IdentityMatrix`` and ``KroneckerProduct`` (so that its Cholesky factor is known in
-closed form), plus exactly one ``ScalarMatrix(n)`` residual.
+closed form), plus exactly one ``ScalarMatrix(n)`` residual and any number of ``KnownDiagonalMatrix(d)`` terms.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import numpy as np
 from jax.scipy.linalg import block_diag, cho_solve
 from jaxtyping import Array, Bool, Float
 
-from .._covariance.basic import DiagonalMatrix, IdentityMatrix, ScalarMatrix, UnstructuredMatrix
+from .._covariance.basic import DiagonalMatrix, IdentityMatrix, KnownDiagonalMatrix, ScalarMatrix, UnstructuredMatrix
 from .._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
 from .._likelihood import INFORMATION, Core, Derivatives, _cholesky, gaussian_loglik
 
@@ -55,14 +60,26 @@ class Term(NamedTuple):
     q: int  # number of random effects (columns of Z)
 
 
+class ResidualPart(NamedTuple):
+    """One variance of the diagonal residual R(θ): σ²·I (a ``ScalarMatrix``) or σ²·diag(d) (``KnownDiagonalMatrix``)."""
+
+    module: ScalarMatrix | KnownDiagonalMatrix
+    offset: int  # position of its parameter in θ
+
+
 class Structure(NamedTuple):
-    """The recognised form of a model: its random terms and the position of the residual variance."""
+    """The recognised form of a model: its random terms and the parts of its diagonal residual (the
+    ``ScalarMatrix`` first)."""
 
     terms: tuple[Term, ...]
-    residual: ScalarMatrix
-    residual_offset: int
+    residual: tuple[ResidualPart, ...]
     n: int
     q: int
+
+    @property
+    def heteroscedastic(self) -> bool:
+        """Whether R(θ) has ``KnownDiagonalMatrix`` parts (then it is an n-vector, not σ²·I)."""
+        return len(self.residual) > 1
 
 
 def _factorable(G) -> bool:
@@ -74,17 +91,19 @@ def _factorable(G) -> bool:
 
 
 def mme_structure(model) -> Structure | None:
-    """The model's MME structure, or None when it is not Σ_j Z_j G_j Z_jᵀ + σ²I with fixed Z_j."""
+    """The model's MME structure, or None when it is not Σ_j Z_j G_j Z_jᵀ + σ²I (+ Σ σ²_j·diag(d_j)) with fixed Z_j."""
     if not isinstance(model, Sum):
         return None
     n = model.shape[0]
-    terms, residual, residual_offset = [], None, None
+    terms, residual, weighted = [], None, []
     offset = 0
     for term in model.terms:
         if isinstance(term, ScalarMatrix):
             if residual is not None or term.n != n:
                 return None
-            residual, residual_offset = term, offset
+            residual = ResidualPart(term, offset)
+        elif isinstance(term, KnownDiagonalMatrix):
+            weighted.append(ResidualPart(term, offset))
         elif isinstance(term, CovariancePropagation):
             Z, G = term.Z, term.G
             if not isinstance(Z, DummyMatrix | ConstantMatrix) or Z.num_free_params or not _factorable(G):
@@ -95,7 +114,7 @@ def mme_structure(model) -> Structure | None:
         offset += term.num_free_params
     if residual is None or not terms:
         return None
-    return Structure(tuple(terms), residual, residual_offset, n, sum(t.q for t in terms))
+    return Structure(tuple(terms), (residual, *weighted), n, sum(t.q for t in terms))
 
 
 def _factor(G, theta):
@@ -144,7 +163,7 @@ MAX_BLOCK = 8
 
 def block_layout(structure: Structure) -> tuple[int, int] | None:
     """(m, b) when Λ is block diagonal with m blocks of size b (a single term, G = I_m ⊗ B or diagonal)."""
-    if len(structure.terms) != 1:
+    if len(structure.terms) != 1 or structure.heteroscedastic:
         return None
     G = structure.terms[0].G
     if isinstance(G, ScalarMatrix | DiagonalMatrix | IdentityMatrix):
@@ -203,12 +222,13 @@ def prepare(structure: Structure, y, X, block_diagonal: bool | None = None) -> P
 
 
 class MMEFactor(NamedTuple):
-    """The MME back end's factorisation of V, held in ``Core.factor``: σ², Λ and L = chol(A), A = ΛᵀZᵀZΛ/σ² + I.
+    """The MME back end's factorisation of V, held in ``Core.factor``: R, Λ and L = chol(A), A = ΛᵀZᵀR⁻¹ZΛ + I.
 
-    Λ and L are q×q matrices, or, on the block-diagonal path, stacks (m, b, b) of their diagonal blocks.
+    R is σ² (a scalar: R = σ²·I) or, for a heteroscedastic residual, its diagonal (n,). Λ and L are q×q matrices,
+    or, on the block-diagonal path, stacks (m, b, b) of their diagonal blocks.
     """
 
-    sigma2: Float[Array, ""]
+    residual: Float[Array, ""] | Float[Array, " n"]
     lam: Float[Array, "q q"] | Float[Array, "m b b"]
     chol_a: Float[Array, "q q"] | Float[Array, "m b b"]
 
@@ -217,32 +237,55 @@ def _lambda(theta, structure: Structure):
     return block_diag(*[_factor(t.G, theta[t.offset : t.offset + t.size]) for t in structure.terms])
 
 
+def _part_variances(theta, structure: Structure):
+    """The residual's variances (σ², σ²_1, …) at θ, in ``structure.residual``'s order."""
+    return jnp.stack([p.module.transform.forward(theta[p.offset]) for p in structure.residual])
+
+
 def _sigma2(theta, structure: Structure):
-    return structure.residual.transform.forward(theta[structure.residual_offset])
+    return _part_variances(theta, structure)[0]
+
+
+def _residual(theta, structure: Structure):
+    """R(θ): σ² (a scalar) or, for a heteroscedastic residual, σ² + Σ_j σ²_j·d_j (n,)."""
+    variances = _part_variances(theta, structure)
+    if not structure.heteroscedastic:
+        return variances[0]
+    weighted = zip(variances[1:], structure.residual[1:], strict=True)
+    return variances[0] + sum(v * part.module.d.astype(theta.dtype) for v, part in weighted)
 
 
 def _inner(f: MMEFactor, zt_u):
-    """Λ A⁻¹ Λᵀ z / σ² (q×r) for z = ZᵀU (q×r): the q×q part of the Woodbury solve."""
+    """Λ A⁻¹ Λᵀ z (q×r) for z = ZᵀR⁻¹U (q×r): the q×q part of the Woodbury solve."""
     if f.lam.ndim == 3:  # m independent b×b problems
         m, b, _ = f.lam.shape
         zt_u = zt_u.reshape(m, b, -1)
         solved = _small_cho_solve(f.chol_a, jnp.einsum("gji,gjr->gir", f.lam, zt_u))
-        return jnp.einsum("gij,gjr->gir", f.lam, solved).reshape(m * b, -1) / f.sigma2
-    return f.lam @ cho_solve((f.chol_a, True), f.lam.T @ zt_u) / f.sigma2
+        return jnp.einsum("gij,gjr->gir", f.lam, solved).reshape(m * b, -1)
+    return f.lam @ cho_solve((f.chol_a, True), f.lam.T @ zt_u)
 
 
-def _v_inv(f: MMEFactor, data: Prepared, U):
-    """V⁻¹U for an n×r matrix U (Woodbury): (U − Z·Λ A⁻¹ Λᵀ ZᵀU / σ²) / σ²."""
-    return (U - data.Z @ _inner(f, data.Z.T @ U)) / f.sigma2
+def _v_inv(f: MMEFactor, data: Prepared, U, zt_u=None):
+    """V⁻¹U for an n×r matrix U (Woodbury): R⁻¹U − R⁻¹Z·Λ A⁻¹ Λᵀ·ZᵀR⁻¹U; ``zt_u`` = ZᵀU where already known
+    (used when R = σ²·I)."""
+    if f.residual.ndim == 0:
+        zt_u = data.Z.T @ U if zt_u is None else zt_u
+        return (U - data.Z @ (_inner(f, zt_u) / f.residual)) / f.residual
+    r_inv_u = U / f.residual[:, None]
+    return r_inv_u - (data.Z @ _inner(f, data.Z.T @ r_inv_u)) / f.residual[:, None]
 
 
 def _dense_solver(theta, structure: Structure, data: Prepared):
     """(factor, ok, log|A|) through the dense q×q factorisation of A."""
-    sigma2 = _sigma2(theta, structure)
+    residual = _residual(theta, structure)
     lam = _lambda(theta, structure)
-    a = lam.T @ data.ztz @ lam / sigma2 + jnp.eye(structure.q, dtype=theta.dtype)
+    if structure.heteroscedastic:
+        a = lam.T @ (data.Z.T @ (data.Z / residual[:, None])) @ lam
+    else:
+        a = lam.T @ data.ztz @ lam / residual
+    a = a + jnp.eye(structure.q, dtype=theta.dtype)
     chol_a, ok_a = _cholesky(0.5 * (a + a.T))
-    return MMEFactor(sigma2, lam, chol_a), ok_a, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_a)))
+    return MMEFactor(residual, lam, chol_a), ok_a, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_a)))
 
 
 def _block_factor(G, theta, m: int):
@@ -336,8 +379,8 @@ def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, block: 
     n, p = X.shape
     factor, ok_a, logdet_a = (_block_solver if block else _dense_solver)(theta, structure, data)
     W = jnp.concatenate([X, data.y0[:, None]], axis=1)
-    zt_w = jnp.concatenate([data.ztx, data.zty0[:, None]], axis=1)
-    v_inv_w = (W - data.Z @ _inner(factor, zt_w)) / factor.sigma2
+    zt_w = None if structure.heteroscedastic else jnp.concatenate([data.ztx, data.zty0[:, None]], axis=1)
+    v_inv_w = _v_inv(factor, data, W, zt_w)
     v_inv_x, v_inv_y0 = v_inv_w[:, :p], v_inv_w[:, p]
     xvx = X.T @ v_inv_x
     chol_xvx, ok_x = _cholesky(0.5 * (xvx + xvx.T))
@@ -346,14 +389,16 @@ def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, block: 
     resid = data.y0 - X @ delta
     beta = data.b0 + delta
     quad = resid @ p_y
-    loglik = gaussian_loglik(n * jnp.log(factor.sigma2) + logdet_a, chol_xvx, quad, n, reml)
-    ok = ok_a & ok_x & (factor.sigma2 > 0) & jnp.isfinite(loglik)
+    logdet_r = jnp.sum(jnp.log(factor.residual)) if structure.heteroscedastic else n * jnp.log(factor.residual)
+    loglik = gaussian_loglik(logdet_r + logdet_a, chol_xvx, quad, n, reml)
+    ok = ok_a & ok_x & jnp.all(factor.residual > 0) & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
     return Core(ok, factor, v_inv_x, chol_xvx, beta, p_y, loglik)
 
 
 def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool = False):
-    """D[:, k] = V_k·Py = Z·(∂G/∂θ_k)·ZᵀPy + (∂σ²/∂θ_k)·Py, by forward mode on q-vectors (n×k)."""
+    """D[:, k] = V_k·Py = Z·(∂G/∂θ_k)·ZᵀPy + Σ_j (∂σ²_j/∂θ_k)·d_j∘Py (d = 1 for σ²·I), by forward mode on
+    q-vectors (n×k)."""
     zt_py = data.Z.T @ p_y
 
     if block:  # G = blockdiag(Λ_g Λ_gᵀ): m products of b×b blocks
@@ -363,16 +408,20 @@ def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool =
         def g_times(t):
             lam = jnp.broadcast_to(_block_factor(term.G, t[term.offset : term.offset + term.size], m), (m, b, b))
             g_zt_py = (lam @ (jnp.swapaxes(lam, -1, -2) @ zt_py.reshape(m, b, 1))).reshape(m * b)
-            return jnp.concatenate([g_zt_py, _sigma2(t, structure)[None]])
+            return jnp.concatenate([g_zt_py, _part_variances(t, structure)])
 
     else:
 
         def g_times(t):
             blocks = [t_.G(t[t_.offset : t_.offset + t_.size]) for t_ in structure.terms]
-            return jnp.concatenate([block_diag(*blocks) @ zt_py, _sigma2(t, structure)[None]])
+            return jnp.concatenate([block_diag(*blocks) @ zt_py, _part_variances(t, structure)])
 
-    jac = jax.jacfwd(g_times)(theta)  # (q + 1) × k
-    return data.Z @ jac[:-1] + jnp.outer(p_y, jac[-1])
+    jac = jax.jacfwd(g_times)(theta)  # (q + number of residual parts) × k
+    q = structure.q
+    d = data.Z @ jac[:q] + jnp.outer(p_y, jac[q])
+    for j, part in enumerate(structure.residual[1:], start=1):
+        d = d + jnp.outer(part.module.d.astype(p_y.dtype) * p_y, jac[q + j])
+    return d
 
 
 def mme_evaluate(

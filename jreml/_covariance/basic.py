@@ -1,4 +1,5 @@
-"""Leaf covariance modules: identity, scalar, diagonal, unstructured, AR(1), compound symmetry, fixed K."""
+"""Leaf covariance modules: identity, scalar, diagonal, unstructured, AR(1), compound symmetry, fixed K, known
+diagonal."""
 
 from __future__ import annotations
 
@@ -296,5 +297,59 @@ class FixedMatrix(AbstractCovariance):
 
     def default_theta(self, variance):
         scale = jnp.mean(jnp.diagonal(self.K))
+        scale = jnp.where(scale > 0, scale, 1.0)
+        return jnp.reshape(self.transform.inverse(variance / scale), (1,))
+
+
+class KnownDiagonalMatrix(AbstractCovariance):
+    """σ²·diag(d) for a known vector d ≥ 0 (n,), σ² = exp(θ): known relative variances (inverse prior weights, as
+    lme4's ``weights``: d = 1/w), or a kernel's eigenvalues after its eigenvectors rotated the data (``fit_batch``).
+
+    Paired with a ``ScalarMatrix`` residual, the mixed-model-equations back end treats it as part of a diagonal
+    (heteroscedastic) residual covariance R(θ) = σ²_e·I + σ²·diag(d).
+    """
+
+    d: Float[Array, " n"]
+    name: str | None = eqx.field(static=True, default=None)
+    transform: Exp = Exp()
+
+    def __init__(self, d, name: str | None = None, transform: Exp | None = None):
+        d = as_float_array(d, "KnownDiagonalMatrix d")
+        if d.ndim != 1 or d.shape[0] < 1:
+            raise ValueError(f"KnownDiagonalMatrix d must be a non-empty vector, got shape {d.shape}")
+        self.d = d
+        self.name = name
+        self.transform = Exp() if transform is None else transform
+
+    def __check_init__(self):
+        if isinstance(self.d, jax.core.Tracer):
+            return
+        d = np.asarray(self.d)
+        bad = np.flatnonzero(~np.isfinite(d) | (d < 0))
+        if bad.size:
+            raise ValueError(
+                f"KnownDiagonalMatrix d must be finite and >= 0: entry {int(bad[0])} is {float(d[bad[0]])}"
+                + (f" ({bad.size} such entries)" if bad.size > 1 else "")
+            )
+
+    num_free_params = property(lambda self: 1)
+    shape = property(lambda self: (self.d.shape[0], self.d.shape[0]))
+    scale_mask = property(lambda self: (True,))
+
+    def __call__(self, theta):
+        theta = self._check_theta(theta)
+        return jnp.diag(self.transform.forward(theta[0]) * self.d.astype(theta.dtype))
+
+    def _local_names(self):
+        return ("variance",)
+
+    def build_params(self, theta):
+        return self.transform.forward(self._check_theta(theta))
+
+    def em_plan(self):
+        return ((self.d.shape[0], self.transform.power),)
+
+    def default_theta(self, variance):
+        scale = jnp.mean(self.d)
         scale = jnp.where(scale > 0, scale, 1.0)
         return jnp.reshape(self.transform.inverse(variance / scale), (1,))
