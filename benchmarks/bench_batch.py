@@ -9,10 +9,11 @@ with ``fit_batch`` (spectral AI-REML, vmapped; timed after a compiling warm-up r
 variance component with design L, K = L Lᵀ) on the first ``--n-statsmodels`` traits, and prints traits/s and
 ratios. (b) fits ``--dense-traits`` traits with V = s1 K1 + s2 K2 + s_e I (n = ``--dense-n``) with ``fit_batch``
 (no spectral form: whatever back end ``estimate`` picks), ``--dense-kernels lowrank`` (default; K1 of rank 50, K2 a
-100-group kernel: ``fit_batch`` fits them through their factors with the mixed-model-equations back end) or
-``fullrank`` (a 5,000-marker GRM and an RBF kernel: the dense n×n path); with fewer than 1,000 traits the time for
-1,000 is projected linearly. The first ``--dense-check`` traits are refitted one by one with ``jreml.fit`` (dense K)
-and the largest differences printed.
+100-group kernel: ``fit_batch`` fits them through their factors with the mixed-model-equations back end),
+``mixed`` (a 5,000-marker GRM and the 100-group kernel: the data rotated into the GRM's eigenbasis, then the
+mixed-model-equations back end) or ``fullrank`` (the GRM and an RBF kernel: the dense n×n path); with fewer than
+1,000 traits the time for 1,000 is projected linearly. The first ``--dense-check`` traits are refitted one by one
+with ``jreml.fit`` (dense K) and the largest differences printed.
 """
 
 from __future__ import annotations

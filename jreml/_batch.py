@@ -329,8 +329,16 @@ def fit_batch(
             responses, then a progress bar over chunks.
         fit_kwargs: options for :func:`jreml.estimate` (``max_iter``, ``tol_score``, ...).
 
+    Paths, chosen per group of responses: the spectral one (σ²_k·K + σ²_e·I: one eigendecomposition, O(n·p²) per
+    iteration); the mixed-model equations, after relationship matrices of rank ≤ q/2 are rewritten as their factors
+    (``_low_rank_kernels``) and, where one full-rank kernel remains beside q ≤ n/2 other random effects, after the
+    data are rotated into that kernel's eigenbasis (``_rotate_kernel``: one O(n³) eigendecomposition, then
+    O(n·q² + q³) per iteration); otherwise the dense O(n³) path. All give the same fits as separate ``jreml.fit``
+    calls.
+
     Responses with missing values are grouped by missingness pattern; each group is fitted on its own complete
-    rows (``n_obs`` says how many). The batch axis is spread over all ``jax.devices()``.
+    rows (``n_obs`` says how many), with its own eigendecomposition where its path needs one. The batch axis is
+    spread over all ``jax.devices()``.
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
