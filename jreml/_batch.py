@@ -204,9 +204,12 @@ def _low_rank_kernels(model):
             and isinstance(term.G, FixedMatrix)
         ):
             eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(term.G.K, dtype=float))
-            keep = eigenvalues > RANK_TOLERANCE * max(float(eigenvalues[-1]), 0.0)
+            tolerance = RANK_TOLERANCE * max(float(eigenvalues[-1]), 0.0)
+            keep = eigenvalues > tolerance
             rank = int(keep.sum())
-            if 0 < rank <= LOW_RANK_FRACTION * eigenvalues.shape[0]:
+            # An indefinite K (an eigenvalue below −tolerance) is left as it is: dropping its negative part would
+            # change V.
+            if 0 < rank <= LOW_RANK_FRACTION * eigenvalues.shape[0] and eigenvalues[0] >= -tolerance:
                 factor = eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
                 loadings = factor[np.asarray(term.Z.codes)]  # Z·L without forming the n×q incidence matrix
                 G = ScalarMatrix(rank, transform=term.G.transform)
@@ -247,7 +250,7 @@ def _kernel_on_rows(term) -> tuple[np.ndarray, str, object] | None:
 
 
 def _rotate_kernel(model) -> KernelRotation | None:
-    """The model σ²_K·K_n + Σ_j Z_j G_j Z_jᵀ + σ²_e·I, with one kernel K_n (n×n on the observations, full rank) and
+    """The model σ²_K·K_n + Σ_j Z_j G_j Z_jᵀ + σ²_e·I, with one kernel K_n (n×n on the observations, any rank) and
     random terms of q = Σ q_j ≤ n/2 effects, rewritten exactly in K_n's eigenbasis K_n = U diag(λ) Uᵀ:
 
         Uᵀ V U = σ²_K·diag(λ) + σ²_e·I + Σ_j (UᵀZ_j) G_j (UᵀZ_j)ᵀ
@@ -256,7 +259,7 @@ def _rotate_kernel(model) -> KernelRotation | None:
     O(n q² + q³) per iteration instead of the dense O(n³), after one O(n³) eigendecomposition shared by all
     responses (e.g. a genomic relationship matrix plus a cage, batch or environment effect). The likelihood is
     unchanged by the orthogonal rotation (ỹ = Uᵀy, X̃ = UᵀX), and so are θ, β and their information; the
-    parameters and their names stay the same. None when the model has another form.
+    parameters and their names stay the same. None when the model has another form or K_n is indefinite.
     """
     if not isinstance(model, Sum):
         return None
@@ -271,9 +274,13 @@ def _rotate_kernel(model) -> KernelRotation | None:
     if rest is None or rest.heteroscedastic or rest.q > LOW_RANK_FRACTION * n:
         return None
     eigenvalues, U = np.linalg.eigh(0.5 * (K + K.T))
+    tolerance = RANK_TOLERANCE * max(float(eigenvalues[-1]), 0.0)
+    if eigenvalues[0] < -tolerance:  # indefinite: σ²_K·diag(λ) would not be a variance term; the dense path fits it
+        return None
     terms = []
     for i, term in enumerate(model.terms):
         if i == index:
+            # rounding-level negative eigenvalues (≥ −1e-10·λ_max) become 0: V changes by at most that
             term = KnownDiagonalMatrix(np.clip(eigenvalues, 0.0, None), name=label, transform=transform)
         elif isinstance(term, CovariancePropagation):
             z = np.asarray(term.Z(jax.numpy.zeros((0,))), dtype=float)

@@ -1,5 +1,6 @@
 """fit_batch: many responses, one right-hand side (spectral and dense vmapped paths)."""
 
+import equinox as eqx
 import numpy as np
 import pandas as pd
 import pytest
@@ -143,6 +144,10 @@ def test_low_rank_relationship_matrices_are_fitted_through_their_factor():
         np.testing.assert_allclose(np.asarray(rewritten(theta)), np.asarray(model(theta)), rtol=0, atol=1e-9)
     full = build_design(formula, data.assign(y=Y[:, 0]), {"a": K_full, "b": K_groups}).model
     assert _mme_q(_low_rank_kernels(full)) is None  # one term full rank: not through a factor
+    # a low-rank K with a negative eigenvalue is not rewritten: dropping its negative part would change V
+    v = np.linalg.svd(K_low.to_numpy())[0][:, -1]  # orthogonal to K_low's range
+    indefinite = eqx.tree_at(lambda m: m.terms[0].G.K, model, jnp.asarray(K_low.to_numpy() - 0.1 * np.outer(v, v)))
+    assert _low_rank_kernels(indefinite).terms[0] is indefinite.terms[0]
 
     relmat = {"a": K_low, "b": K_groups}
     out = fit_batch(formula, data, Y, relmat=relmat)
@@ -217,6 +222,10 @@ def test_one_full_rank_kernel_is_fitted_in_its_eigenbasis(capsys):
         np.testing.assert_allclose(np.asarray(fitted(theta)), U.T @ np.asarray(model(theta)) @ U, atol=1e-10)
     two_full = build_design(formula, data.assign(y=Y[:, 0]), {"a": K_full, "b": K_full**2}).model
     assert batch_form(two_full, spectral=False)[1] is None  # two full-rank kernels: the dense path
+    # an indefinite K (a negative eigenvalue) is left to the dense path: clipping it would change V
+    shift = np.linalg.eigvalsh(K_full.to_numpy())[0] + 0.05
+    indefinite = eqx.tree_at(lambda m: m.terms[0].G.K, model, jnp.asarray(K_full.to_numpy() - shift * np.eye(120)))
+    assert batch_form(indefinite, spectral=False)[1] is None
 
     out = fit_batch(formula, data, Y, relmat=relmat, verbose=1)
     assert "mixed-model equations (in the kernel's eigenbasis) path" in capsys.readouterr().out
