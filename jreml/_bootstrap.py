@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from ._batch import MAX_AUTO_CHUNK, SPECTRAL_OPTIONS, batch_form
 from ._estimate import estimate
 from ._sharding import device_count, pad_batch, padded_size, shard_batch
+from ._spectral import decompose, fit_rotated, rotate, spectral_form
 
 __all__ = ["BootstrapResult", "bootstrap", "simulate"]
 
@@ -91,12 +93,14 @@ def _refit(model, Ystar, X, theta0, method, algorithm, options):
     return jax.vmap(one)(Ystar)
 
 
-def _chunk(chunk_size, n_boot: int) -> int:
+def _chunk(chunk_size, n_boot: int, spectral: bool = False) -> int:
     if chunk_size is None:
         return n_boot
     if isinstance(chunk_size, str):
         if chunk_size != "auto":
             raise ValueError(f'chunk_size must be a positive integer, None or "auto", got {chunk_size!r}')
+        if spectral:  # every replicate converges in a few cheap iterations: as fit_batch's spectral chunks
+            return min(MAX_AUTO_CHUNK, n_boot)
         per_device = CPU_CHUNK if jax.devices()[0].platform == "cpu" else ACCELERATOR_CHUNK
         return min(per_device * device_count(), n_boot)
     if int(chunk_size) < 1:
@@ -109,21 +113,38 @@ def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | str | None =
 
     Simulates ``n_boot`` responses from the fitted model (:func:`simulate`) and refits them with vmapped
     :func:`jreml.estimate` calls started at θ̂ (same method and algorithm; ``options`` go to ``estimate``),
-    spread over all devices: each replicate's fit is the one ``estimate`` gives on its own. ``chunk_size``
-    replicates go into one call (all of them for None): ``"auto"`` takes ``CPU_CHUNK`` per device on CPU, where
-    a chunk costs its size times its slowest replicate's iterations, and ``ACCELERATOR_CHUNK`` elsewhere.
+    spread over all devices: each replicate's fit is the one ``estimate`` gives on its own. The model is fitted in
+    the form ``fit_batch`` fits it (``_batch.batch_form``): low-rank relationship matrices through their factors,
+    one full-rank kernel beside other random effects in its eigenbasis; and a model σ²_k·K + σ²_e·I (with only
+    options the spectral path knows) by the spectral path, whose global search over σ²_k/σ²_e can find a higher
+    mode than a local fit from θ̂. ``chunk_size`` replicates go into one call (all of them for None): ``"auto"``
+    takes ``CPU_CHUNK`` per device on CPU, where a chunk costs its size times its slowest replicate's iterations,
+    ``ACCELERATOR_CHUNK`` elsewhere, and up to 256 on the spectral path.
     """
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
     n_boot = int(n_boot)
-    size = _chunk(chunk_size, n_boot)
+    spectral = spectral_form(fit.model) is not None and set(options) <= SPECTRAL_OPTIONS
+    size = _chunk(chunk_size, n_boot, spectral)
     Ystar = np.asarray(simulate(fit, n_boot, seed))
     padded = padded_size(size)
     opts = tuple(sorted(options.items()))
+    if spectral:
+        design = decompose(fit.model, fit.X)
+        Ystar = rotate(design, Ystar)
+    else:
+        model, rotation = batch_form(fit.model, spectral=False)
+        X = fit.X
+        if rotation is not None:  # Uᵀy*, UᵀX: the same likelihood in the kernel's eigenbasis
+            Ystar, X = Ystar @ rotation.U, jnp.asarray(rotation.U.T @ np.asarray(X), fit.X.dtype)
     parts = []
     for start in range(0, n_boot, size):
         block = pad_batch(Ystar[start : start + size], padded)
-        res = _refit(fit.model, shard_batch(jnp.asarray(block)), fit.X, fit.theta, fit.method, fit.algorithm, opts)
+        if spectral:
+            out = fit_rotated(design, block, method=fit.method, place=shard_batch, **options)
+            res = (out.theta, out.natural_params, out.beta, out.loglik, out.converged, out.n_iter)
+        else:
+            res = _refit(model, shard_batch(jnp.asarray(block)), X, fit.theta, fit.method, fit.algorithm, opts)
         m = min(size, n_boot - start)
         parts.append(jax.tree_util.tree_map(lambda a, m=m: np.asarray(a)[:m], res))
     theta, params, beta, loglik, converged, n_iter = (np.concatenate(a) for a in zip(*parts, strict=True))
