@@ -18,7 +18,7 @@ from ._design.build import build_design
 from ._estimate import _mme_q, estimate
 from ._sharding import pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
-from ._spectral import decompose, fit_rotated, rotate, spectral_form
+from ._spectral import decompose, fit_padded, fit_rotated, rotate, spectral_form
 
 __all__ = ["BatchFit", "fit_batch"]
 
@@ -303,6 +303,30 @@ def batch_form(model, spectral: bool) -> tuple[object, KernelRotation | None]:
     return (model, None) if rotation is None else (rotation.model, rotation)
 
 
+#: ``verbose=1`` describes at most this many groups of responses (missingness patterns).
+MAX_GROUPS_SHOWN = 10
+
+
+def _store(out: dict, idx, res, n_obs, spectral: bool) -> None:
+    """Copy one chunk's results (padded rows dropped) into the per-response arrays at ``idx``."""
+    m = len(idx)
+    for key, field in (
+        ("theta", "theta"),
+        ("params", "natural_params"),
+        ("vcov_theta", "vcov_theta"),
+        ("beta", "beta"),
+        ("se_beta", "se_beta"),
+        ("loglik", "loglik"),
+        ("converged", "converged"),
+        ("n_iter", "n_iter"),
+        ("status", "status"),
+        ("singular", "singular"),
+    ):
+        out[key][idx] = np.asarray(getattr(res, field))[:m]
+    out["n_obs"][idx] = n_obs
+    out["spectral"][idx] = spectral
+
+
 @eqx.filter_jit
 def _dense_batch(model, Yc, X, reml_method, options):
     return jax.vmap(lambda y: estimate(model, y, X, method=reml_method, throw=False, **dict(options)))(Yc)
@@ -344,8 +368,9 @@ def fit_batch(
     calls.
 
     Responses with missing values are grouped by missingness pattern; each group is fitted on its own complete
-    rows (``n_obs`` says how many), with its own eigendecomposition where its path needs one. The batch axis is
-    spread over all ``jax.devices()``.
+    rows (``n_obs`` says how many), with its own eigendecomposition where its path needs one. On the spectral path
+    all patterns share one compiled program (their rotated data padded to one length, ``fit_padded``); on the
+    others each number of complete rows compiles its own. The batch axis is spread over all ``jax.devices()``.
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
@@ -411,7 +436,7 @@ def fit_batch(
         fitted_model, rotation = batch_form(design.model, use_spectral)
         per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
         size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
-        if verbose:
+        if verbose and len(plan) < MAX_GROUPS_SHOWN:
             how = "spectral" if use_spectral else ("mixed-model equations" if _mme_q(fitted_model) else "dense")
             if rotation is not None:
                 how += " (in the kernel's eigenbasis)"
@@ -420,7 +445,32 @@ def fit_batch(
                 f"working memory per response, chunks of {size}"
             )
         plan.append((cols, design, rows, _chunks(len(cols), size), size, use_spectral, fitted_model, rotation))
-    total_chunks = sum(len(entry[3]) for entry in plan)
+    if verbose and len(plan) > MAX_GROUPS_SHOWN:
+        print(f"fit_batch: … {len(plan) - MAX_GROUPS_SHOWN} more groups (missingness patterns)")
+    # Several missingness patterns on the spectral path: one program for all of them, each response's rotated
+    # values padded to the longest pattern (``fit_padded``), instead of one compilation per number of rows.
+    spectral_plan = [entry for entry in plan if entry[5]]
+    padded_jobs = []
+    if len(spectral_plan) > 1:
+        plan = [entry for entry in plan if not entry[5]]
+        length = max(len(entry[2]) for entry in spectral_plan)
+        columns, designs, rotated, counts = [], [], [], []
+        for cols, design, rows, *_ in spectral_plan:
+            sdesign = decompose(design.model, design.X)
+            values = rotate(sdesign, Y[np.ix_(rows, cols)].T)
+            rotated.append(np.pad(values, ((0, 0), (0, length - len(rows)))))
+            columns += list(cols)
+            designs += [sdesign] * len(cols)
+            counts += [len(rows)] * len(cols)
+        size = _auto_chunk(bytes_per_response(first.model, p, spectral=True)) if chunk_size == "auto" else chunk_size
+        size = min(size, len(columns))
+        padded_jobs = [(columns, designs, np.concatenate(rotated), counts, _chunks(len(columns), size), size)]
+        if verbose:
+            print(
+                f"fit_batch: the {len(columns)} responses of {len(spectral_plan)} missingness patterns on the spectral "
+                f"path fitted together (padded to n = {length}), chunks of {size}"
+            )
+    total_chunks = sum(len(entry[3]) for entry in plan) + sum(len(job[4]) for job in padded_jobs)
     done = 0
     for cols, design, rows, chunks, size, use_spectral, fitted_model, rotation in plan:
         Yg = Y[np.ix_(rows, cols)].T  # (T_g, n_g)
@@ -437,20 +487,17 @@ def fit_batch(
             else:
                 options = tuple(sorted(fit_kwargs.items()))
                 res = _dense_batch(fitted_model, shard_batch(block), X, method, options)
-            idx = np.asarray(cols[start:stop])
-            m = stop - start
-            out["theta"][idx] = np.asarray(res.theta)[:m]
-            out["params"][idx] = np.asarray(res.natural_params)[:m]
-            out["vcov_theta"][idx] = np.asarray(res.vcov_theta)[:m]
-            out["beta"][idx] = np.asarray(res.beta)[:m]
-            out["se_beta"][idx] = np.asarray(res.se_beta)[:m]
-            out["loglik"][idx] = np.asarray(res.loglik)[:m]
-            out["converged"][idx] = np.asarray(res.converged)[:m]
-            out["n_iter"][idx] = np.asarray(res.n_iter)[:m]
-            out["status"][idx] = np.asarray(res.status)[:m]
-            out["singular"][idx] = np.asarray(res.singular)[:m]
-            out["n_obs"][idx] = len(rows)
-            out["spectral"][idx] = bool(use_spectral)
+            _store(out, np.asarray(cols[start:stop]), res, len(rows), use_spectral)
+            done += 1
+            if verbose:
+                _progress(done, total_chunks)
+    for columns, designs, rotated, counts, chunks, size in padded_jobs:
+        padded = padded_size(size)
+        for start, stop in chunks:
+            block = pad_batch(rotated[start:stop], padded)
+            chunk_designs = designs[start:stop] + [designs[start]] * (padded - (stop - start))  # as pad_batch does
+            res = fit_padded(chunk_designs, block, method=method, place=shard_batch, **fit_kwargs)
+            _store(out, np.asarray(columns[start:stop]), res, np.asarray(counts[start:stop]), True)
             done += 1
             if verbose:
                 _progress(done, total_chunks)

@@ -37,13 +37,13 @@ from jaxtyping import Array, Bool, Float, Int
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
 from ._covariance.basic import FixedMatrix, ScalarMatrix
-from ._covariance.compose import CovariancePropagation, Sum
+from ._covariance.compose import CovariancePropagation, DummyMatrix, Sum
 from ._covariance.transforms import Exp
 from ._estimate import BOUNDARY_RELATIVE_VARIANCE, SINGULAR_RELATIVE_VARIANCE, _pseudo_inverse
 from ._likelihood import check_method
 from ._solvers.loop import CONVERGED, MAX_ITER, RUNNING, STALLED
 
-__all__ = ["SpectralForm", "SpectralFit", "spectral_form", "decompose", "fit_spectral", "fit_rotated"]
+__all__ = ["SpectralForm", "SpectralFit", "spectral_form", "decompose", "fit_spectral", "fit_rotated", "fit_padded"]
 
 
 class SpectralForm(NamedTuple):
@@ -81,6 +81,21 @@ def _kernel_term(term: AbstractCovariance) -> float | None:
     return None
 
 
+def kernel_on_rows(term: AbstractCovariance) -> np.ndarray:
+    """The known matrix of a one-variance term σ²·K (K, I, or Z·K·Zᵀ with a fixed Z) on the observations, in numpy
+    (no JAX operations: ``fit_batch`` calls this once per missingness pattern, and JAX would compile a new program
+    for every new shape)."""
+    inner = term.G if isinstance(term, CovariancePropagation) else term
+    K = np.asarray(inner.K, dtype=float) if isinstance(inner, FixedMatrix) else np.eye(inner.shape[0])
+    if not isinstance(term, CovariancePropagation):
+        return K
+    if isinstance(term.Z, DummyMatrix) and not term.Z.drop_first:
+        codes = np.asarray(term.Z.codes)
+        return K[np.ix_(codes, codes)]
+    z = np.asarray(term.Z(jnp.zeros((0,))), dtype=float)
+    return z @ K @ z.T
+
+
 def spectral_form(model: AbstractCovariance) -> SpectralForm | None:
     """Return the :class:`SpectralForm` of ``model`` if it is σ²_k·K + σ²_e·I, else ``None``."""
     if not isinstance(model, Sum) or len(model.terms) != 2:
@@ -95,7 +110,7 @@ def spectral_form(model: AbstractCovariance) -> SpectralForm | None:
         p_e, p_k = _exp_power(resid), _kernel_term(term)
         if p_e is None or p_k is None:
             continue
-        kernel = np.asarray(term(jnp.zeros((1,), jnp.result_type(float))), dtype=float)
+        kernel = kernel_on_rows(term)
         return SpectralForm(kernel, k_index, e_index, (p_k, p_e), model.param_names)
     return None
 
@@ -208,7 +223,9 @@ def _diag(theta, lam, opts):
     return s2k * lam + s2e
 
 
-def _evaluate(theta, yt, Xt, lam, opts: _Options) -> _Eval:
+def _evaluate(theta, yt, Xt, lam, opts: _Options, n_obs=None) -> _Eval:
+    """ℓ, β̂, Py at θ. ``n_obs``: the response's number of observations when its arrays are padded (with zeros: λ,
+    X̃ rows, ỹ) to a common length; the padding contributes nothing then."""
     n, p = Xt.shape
     d = _diag(theta, lam, opts)
     ok = jnp.all(d > 0) & jnp.all(jnp.isfinite(d))
@@ -221,15 +238,16 @@ def _evaluate(theta, yt, Xt, lam, opts: _Options) -> _Eval:
     r = yt - Xt @ beta
     p_y = w * r
     quad = r @ p_y
+    log_d = jnp.log(d_safe)
+    if n_obs is not None:
+        log_d = jnp.where(jnp.arange(n, dtype=n_obs.dtype) < n_obs, log_d, 0.0)
+        n = n_obs
     if opts.reml:
         loglik = -0.5 * (
-            jnp.sum(jnp.log(d_safe))
-            + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_c)))
-            + (n - p) * math.log(2 * math.pi)
-            + quad
+            jnp.sum(log_d) + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol_c))) + (n - p) * math.log(2 * math.pi) + quad
         )
     else:
-        loglik = -0.5 * (jnp.sum(jnp.log(d_safe)) + n * math.log(2 * math.pi) + quad)
+        loglik = -0.5 * (jnp.sum(log_d) + n * math.log(2 * math.pi) + quad)
     ok = ok & jnp.isfinite(loglik)
     return _Eval(jnp.where(ok, loglik, -jnp.inf), beta, chol_c, w, p_y, ok)
 
@@ -238,9 +256,9 @@ def _loglik(theta, yt, Xt, lam, opts):
     return _evaluate(theta, yt, Xt, lam, opts).loglik
 
 
-def _score_and_ai(theta, yt, Xt, lam, opts: _Options, ev: _Eval):
+def _score_and_ai(theta, yt, Xt, lam, opts: _Options, ev: _Eval, n_obs=None):
     """Score (autodiff) and average information ½ (V_i P y)ᵀ P (V_j P y) in the rotated basis."""
-    score = jax.grad(lambda t: _evaluate(t, yt, Xt, lam, opts).loglik)(theta)
+    score = jax.grad(lambda t: _evaluate(t, yt, Xt, lam, opts, n_obs).loglik)(theta)
     dd = jax.jacfwd(_diag)(theta, lam, opts)  # (n, k): ∂d/∂θ_j
     u = dd * ev.p_y[:, None]  # columns V_j P y
     wu = u * ev.w[:, None]
@@ -291,7 +309,7 @@ def _forward(L, b):
     return jnp.stack(z)
 
 
-def _profiled(C, b, yy, sld, n: int, p: int, reml: bool):
+def _profiled(C, b, yy, sld, n, p: int, reml: bool):
     """Profiled log-likelihood (σ²_e = Q/(n−p), or Q/n for ML) from the D⁻¹-weighted moments, and Q."""
     L = _cholesky(C)
     z = _forward(L, b)
@@ -318,7 +336,7 @@ class _Moments(NamedTuple):
     lam: Array
 
 
-def _jet(tau, mom: _Moments, n: int, p: int, reml: bool):
+def _jet(tau, mom: _Moments, n, p: int, reml: bool):
     """Profiled log-likelihood at log δ = ``tau`` with its first two derivatives (exact).
 
     With w = 1/(δλ + 1) and v = δλ·w = 1 − w: dw/dτ = −w·v, d²w/dτ² = −w·v·(w − v); d log d/dτ = v,
@@ -407,12 +425,16 @@ def _starts(f):
     return jnp.stack([i, left_i, right_i]), jnp.stack([jnp.asarray(True), jnp.any(left), jnp.any(right)])
 
 
-def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
+def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options, n_obs=None):
     """Profiled Newton fit on log(σ²_k/σ²_e) for one rotated response; then the full AI at the optimum.
 
-    Returns the :class:`SpectralFit` fields (without param_names) as a dict.
+    ``n_obs``: the number of observations when ``yt``, ``Xt`` and ``lam`` are padded with zeros to a common length
+    (responses with different missing rows in one program); the padding then changes nothing. Returns the
+    :class:`SpectralFit` fields (without param_names) as a dict.
     """
     n, p = Xt.shape
+    if n_obs is not None:
+        n = n_obs
     dtype = yt.dtype
     beta_ols = _cho_solve(_cholesky(Xt.T @ Xt), Xt.T @ yt)
     r0 = yt - Xt @ beta_ols  # Q is unchanged by removing any X·c from y; this keeps it free of cancellation
@@ -531,8 +553,8 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
     at_hi = jnp.zeros_like(theta, bool).at[opts.e_index].set(st.tau >= hi)
     theta = jnp.where(at_lo, lb, theta)  # σ²_k held at its bound: exactly ``estimate``'s bound
     theta = jnp.where(jnp.isfinite(st.f), theta, base_theta + jnp.log(scale) / powers)
-    ev = _evaluate(theta, yt, Xt, lam, opts)
-    score, ai = _score_and_ai(theta, yt, Xt, lam, opts, ev)
+    ev = _evaluate(theta, yt, Xt, lam, opts, n_obs)
+    score, ai = _score_and_ai(theta, yt, Xt, lam, opts, ev, n_obs)
     eye = jnp.eye(p, dtype=dtype)
     chol_inv = jax.scipy.linalg.solve_triangular(ev.chol_c, eye, lower=True)
     vcov_beta = chol_inv.T @ chol_inv
@@ -572,6 +594,16 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options):
 @eqx.filter_jit
 def _fit_batch_jit(Yt, Xt, lam, base_theta, tol, opts):
     return jax.vmap(lambda yt: _fit_one(yt, Xt, lam, base_theta, tol, opts))(Yt)
+
+
+#: Programs traced by ``_fit_padded_jit`` (a test counts them: one per padded length, whatever the missingness).
+PADDED_TRACES = [0]
+
+
+@eqx.filter_jit
+def _fit_padded_jit(Yt, Xt, lam, base_theta, n_obs, tol, opts):
+    PADDED_TRACES[0] += 1
+    return jax.vmap(lambda *a: _fit_one(*a[:4], tol, opts, a[4]))(Yt, Xt, lam, base_theta, n_obs)
 
 
 def _options(form: SpectralForm, method: str, max_iter: int, max_halvings: int, min_iter: int) -> _Options:
@@ -617,6 +649,52 @@ def fit_rotated(
         opts,
     )
     return SpectralFit(**out, param_names=design.form.param_names, method="reml" if opts.reml else "ml")
+
+
+def fit_padded(
+    designs: list[SpectralDesign],
+    Yt,
+    *,
+    method: str = "reml",
+    max_iter: int = 200,
+    max_halvings: int = 30,
+    min_iter: int = 1,
+    tol_score: float = 1e-8,
+    tol_delta: float = 1e-6,
+    tol_loglik: float = 1e-10,
+    place=None,
+) -> SpectralFit:
+    """Fit rotated responses of different designs in one program: ``Yt`` (T, N) holds response t's rotated values
+    Uᵀy of ``designs[t]`` (n_t ≤ N observations) followed by zeros. Each design's λ and X̃ are padded with zeros to
+    N as well; the likelihood counts the first n_t entries only, so every fit equals the one of ``fit_rotated``
+    with its own design, while all missingness patterns share one compiled program per N."""
+    Yt = as_float_array(Yt, "Yt")
+    T, N = Yt.shape
+    if len(designs) != T or any(d.lam.shape[0] > N for d in designs):
+        raise ValueError(f"fit_padded needs one design per response with at most {N} observations")
+    forms = {(d.form.kernel_index, d.form.residual_index, d.form.powers, d.form.param_names) for d in designs}
+    if len(forms) != 1:
+        raise ValueError("fit_padded: the designs must share one model form (positions, transforms and names)")
+    dtype = Yt.dtype
+    p = designs[0].Xt.shape[1]
+    Xt = np.zeros((T, N, p))
+    lam = np.zeros((T, N))
+    for t, d in enumerate(designs):
+        Xt[t, : d.lam.shape[0]] = d.Xt
+        lam[t, : d.lam.shape[0]] = d.lam
+    arrays = [
+        Yt,
+        jnp.asarray(Xt, dtype),
+        jnp.asarray(lam, dtype),
+        jnp.asarray(np.stack([d.base_theta for d in designs]), dtype),
+        jnp.asarray([d.lam.shape[0] for d in designs], dtype),  # a float count: n − p enters float arithmetic
+    ]
+    if place is not None:
+        arrays = [place(a) for a in arrays]
+    opts = _options(designs[0].form, method, max_iter, max_halvings, min_iter)
+    tol = jnp.asarray([tol_score, tol_delta, tol_loglik], dtype)
+    out = _fit_padded_jit(*arrays, tol, opts)
+    return SpectralFit(**out, param_names=designs[0].form.param_names, method="reml" if opts.reml else "ml")
 
 
 def rotate(design: SpectralDesign, Y) -> np.ndarray:

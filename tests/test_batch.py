@@ -86,6 +86,30 @@ def test_missing_values_and_chunks(batch, kinship):
     np.testing.assert_allclose(out.beta[2], single.beta, rtol=1e-8)
 
 
+def test_many_missingness_patterns_share_one_spectral_program(batch, kinship):
+    """Traits with different missing rows (one pattern each) go through one padded spectral program (fit_padded)
+    instead of one compilation per number of rows, and still equal separate fits on each trait's complete rows."""
+    from jreml._spectral import PADDED_TRACES
+
+    ex, relmat = kinship
+    data = ex.data.copy()
+    rng = np.random.default_rng(3)
+    for j, trait in enumerate(TRAITS[:5]):
+        data.loc[rng.choice(len(data), 3 * j + 1, replace=False), trait] = np.nan
+    before = PADDED_TRACES[0]
+    out = fit_batch(FORMULA, data, TRAITS, relmat=relmat, chunk_size=4)
+    assert PADDED_TRACES[0] - before == 1  # 6 patterns, 2 chunks: one program
+    assert out.n_obs.tolist() == [399, 396, 393, 390, 387, 400, 400, 400]
+    assert out.spectral.all() and out.converged.all()
+    np.testing.assert_allclose(out.loglik[5:], batch.loglik[5:], rtol=0, atol=1e-10)
+    for j in (0, 4):
+        single = jreml.fit(FORMULA.replace("trait", TRAITS[j], 1), data, relmat=relmat, **TIGHT)
+        np.testing.assert_allclose(out.loglik[j], float(single.loglik), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(out.params[j], single.natural_params, rtol=1e-7)
+        np.testing.assert_allclose(out.beta[j], single.beta, rtol=1e-8)
+        assert out.h2_se[j] > 0
+
+
 def test_dense_vmapped_path_sleepstudy():
     ex = jreml.example("sleepstudy")
     base = jreml.estimate(ex.model, ex.y, ex.X)

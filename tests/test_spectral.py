@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import jreml
-from jreml._spectral import decompose, fit_spectral, spectral_form
+from jreml._spectral import decompose, fit_padded, fit_rotated, fit_spectral, rotate, spectral_form
 
 TRAITS = [f"trait{i}" for i in range(1, 9)]
 TIGHT = dict(tol_score=1e-10, tol_delta=1e-10, tol_loglik=1e-12)
@@ -201,3 +201,38 @@ def test_float32_fits_converge():
     assert all(out["converged"]) and max(out["n_iter"]) <= 20
     Y_h2 = np.asarray(out["h2"])
     assert np.all((Y_h2 >= 0) & (Y_h2 <= 1))
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_padded_fits_equal_their_own_designs(kinship, method):
+    """fit_padded: responses of designs with different numbers of rows (missingness patterns), zero-padded to one
+    length in one program, fit exactly as each does alone with its own design."""
+    ex, Y, _ = kinship
+    rng = np.random.default_rng(0)
+    designs, rotated, alone = [], np.zeros((3, 400)), []
+    for t in range(3):
+        keep = np.ones(400, bool)
+        keep[rng.choice(400, 7 * t, replace=False)] = False
+        K = np.asarray(ex.model.terms[0].K)[np.ix_(keep, keep)]  # the kinship model σ²_g·K + σ²_e·I on the kept rows
+        model = jreml.covariance.FixedMatrix(K, name="g") + jreml.covariance.ScalarMatrix(
+            int(keep.sum()), name="Residual"
+        )
+        design = decompose(model, np.asarray(ex.X)[keep])
+        values = rotate(design, Y[t, keep])
+        designs.append(design)
+        rotated[t, : keep.sum()] = values[0]
+        alone.append(fit_rotated(design, values, method=method))
+    out = fit_padded(designs, rotated, method=method)
+    for t, single in enumerate(alone):
+        np.testing.assert_allclose(float(out.loglik[t]), float(single.loglik[0]), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(out.natural_params[t]), np.asarray(single.natural_params[0]), rtol=1e-10)
+        np.testing.assert_allclose(np.asarray(out.vcov_theta[t]), np.asarray(single.vcov_theta[0]), rtol=1e-8)
+        np.testing.assert_allclose(float(out.h2_se[t]), float(single.h2_se[0]), rtol=1e-8)
+        assert int(out.n_iter[t]) == int(single.n_iter[0])
+    with pytest.raises(ValueError, match="one design per response"):
+        fit_padded(designs[:2], rotated)
+    with pytest.raises(ValueError, match="one model form"):
+        fit_padded(
+            [designs[0], decompose(ex.model, ex.X)._replace(form=designs[0].form._replace(powers=(2.0, 1.0)))],
+            rotated[:2],
+        )

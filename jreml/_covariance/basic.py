@@ -254,6 +254,20 @@ class CompoundSymmetricMatrix(AbstractVarianceCorrelation):
         return variance * ((1.0 - rho) * eye + rho * jnp.ones_like(eye))
 
 
+def _mean_positive(values):
+    """The mean of a vector (a matrix's diagonal, say), or 1 where it is not positive. Computed on the host when the
+    vector is concrete: ``fit_batch`` meets new shapes with every missingness pattern, and JAX compiles for each."""
+    if isinstance(values, jax.core.Tracer):
+        mean = jnp.mean(values)
+        return jnp.where(mean > 0, mean, 1.0)
+    mean = float(np.mean(np.asarray(values)))
+    return mean if mean > 0 else 1.0
+
+
+def _diagonal(K):
+    return jnp.diagonal(K) if isinstance(K, jax.core.Tracer) else np.diagonal(np.asarray(K))
+
+
 class FixedMatrix(AbstractCovariance):
     """σ²·K for a known symmetric matrix K (a genomic or pedigree relationship matrix); σ² = exp(θ)."""
 
@@ -272,8 +286,9 @@ class FixedMatrix(AbstractCovariance):
     def __check_init__(self):
         if isinstance(self.K, jax.core.Tracer):
             return
-        asym = float(jnp.max(jnp.abs(self.K - self.K.T)))
-        scale = float(jnp.max(jnp.abs(self.K))) or 1.0
+        K = np.asarray(self.K)  # on the host: JAX would compile the check anew for every shape of K
+        asym = float(np.max(np.abs(K - K.T)))
+        scale = float(np.max(np.abs(K))) or 1.0
         if asym > 1e-8 * scale:
             raise ValueError(f"FixedMatrix K must be symmetric: max |K - K.T| = {asym:.3g}")
 
@@ -296,9 +311,7 @@ class FixedMatrix(AbstractCovariance):
         return ((self.K.shape[0], self.transform.power),)
 
     def default_theta(self, variance):
-        scale = jnp.mean(jnp.diagonal(self.K))
-        scale = jnp.where(scale > 0, scale, 1.0)
-        return jnp.reshape(self.transform.inverse(variance / scale), (1,))
+        return jnp.reshape(self.transform.inverse(variance / _mean_positive(_diagonal(self.K))), (1,))
 
 
 class KnownDiagonalMatrix(AbstractCovariance):
@@ -350,6 +363,4 @@ class KnownDiagonalMatrix(AbstractCovariance):
         return ((self.d.shape[0], self.transform.power),)
 
     def default_theta(self, variance):
-        scale = jnp.mean(self.d)
-        scale = jnp.where(scale > 0, scale, 1.0)
-        return jnp.reshape(self.transform.inverse(variance / scale), (1,))
+        return jnp.reshape(self.transform.inverse(variance / _mean_positive(self.d)), (1,))
