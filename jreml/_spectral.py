@@ -606,21 +606,9 @@ def _fit_padded_jit(Yt, Xt, lam, base_theta, n_obs, tol, opts):
     return jax.vmap(lambda *a: _fit_one(*a[:4], tol, opts, a[4]))(Yt, Xt, lam, base_theta, n_obs)
 
 
-def _options(form: SpectralForm, method: str, max_iter: int, max_halvings: int, min_iter: int) -> _Options:
-    return _Options(
-        form.kernel_index,
-        form.residual_index,
-        form.powers,
-        check_method(method),
-        int(max_iter),
-        int(max_halvings),
-        int(min_iter),
-    )
-
-
-def fit_rotated(
-    design: SpectralDesign,
-    Yt,
+def _settings(
+    form: SpectralForm,
+    dtype,
     *,
     method: str = "reml",
     max_iter: int = 200,
@@ -629,17 +617,31 @@ def fit_rotated(
     tol_score: float = 1e-8,
     tol_delta: float = 1e-6,
     tol_loglik: float = 1e-10,
-    place=None,
-) -> SpectralFit:
-    """Fit already-rotated responses ``Yt`` (T, n) (rows Uᵀy). ``place`` optionally shards the arrays."""
+) -> tuple[_Options, Array]:
+    """The loop's static options and its tolerances (score, step, log-likelihood): the options, and defaults, of
+    ``fit_rotated`` and ``fit_padded``."""
+    opts = _Options(
+        form.kernel_index,
+        form.residual_index,
+        form.powers,
+        check_method(method),
+        int(max_iter),
+        int(max_halvings),
+        int(min_iter),
+    )
+    return opts, jnp.asarray([tol_score, tol_delta, tol_loglik], dtype)
+
+
+def fit_rotated(design: SpectralDesign, Yt, *, place=None, **options) -> SpectralFit:
+    """Fit already-rotated responses ``Yt`` (T, n) (rows Uᵀy). ``place`` optionally shards the arrays; ``options``:
+    ``method``, ``max_iter``, ``max_halvings``, ``min_iter``, ``tol_score``, ``tol_delta``, ``tol_loglik``."""
     Yt = as_float_array(Yt, "Yt")
     if Yt.ndim != 2:
         raise ValueError(f"Yt must be 2-D (batch, n), got shape {Yt.shape}")
     if place is not None:
         Yt = place(Yt)
     dtype = Yt.dtype
-    opts = _options(design.form, method, max_iter, max_halvings, min_iter)
-    tol = jnp.asarray([tol_score, tol_delta, tol_loglik], dtype)
+    opts, tol = _settings(design.form, dtype, **options)
     out = _fit_batch_jit(
         Yt,
         jnp.asarray(design.Xt, dtype),
@@ -651,23 +653,12 @@ def fit_rotated(
     return SpectralFit(**out, param_names=design.form.param_names, method="reml" if opts.reml else "ml")
 
 
-def fit_padded(
-    designs: list[SpectralDesign],
-    Yt,
-    *,
-    method: str = "reml",
-    max_iter: int = 200,
-    max_halvings: int = 30,
-    min_iter: int = 1,
-    tol_score: float = 1e-8,
-    tol_delta: float = 1e-6,
-    tol_loglik: float = 1e-10,
-    place=None,
-) -> SpectralFit:
+def fit_padded(designs: list[SpectralDesign], Yt, *, place=None, **options) -> SpectralFit:
     """Fit rotated responses of different designs in one program: ``Yt`` (T, N) holds response t's rotated values
     Uᵀy of ``designs[t]`` (n_t ≤ N observations) followed by zeros. Each design's λ and X̃ are padded with zeros to
     N as well; the likelihood counts the first n_t entries only, so every fit equals the one of ``fit_rotated``
-    with its own design, while all missingness patterns share one compiled program per N."""
+    with its own design, while all missingness patterns share one compiled program per N. ``options`` as for
+    ``fit_rotated``."""
     Yt = as_float_array(Yt, "Yt")
     T, N = Yt.shape
     if len(designs) != T or any(d.lam.shape[0] > N for d in designs):
@@ -691,8 +682,7 @@ def fit_padded(
     ]
     if place is not None:
         arrays = [place(a) for a in arrays]
-    opts = _options(designs[0].form, method, max_iter, max_halvings, min_iter)
-    tol = jnp.asarray([tol_score, tol_delta, tol_loglik], dtype)
+    opts, tol = _settings(designs[0].form, dtype, **options)
     out = _fit_padded_jit(*arrays, tol, opts)
     return SpectralFit(**out, param_names=designs[0].form.param_names, method="reml" if opts.reml else "ml")
 

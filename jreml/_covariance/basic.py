@@ -66,7 +66,27 @@ class IdentityMatrix(AbstractKnownMatrix):
         return jnp.eye(self.n, dtype=theta.dtype)
 
 
-class ScalarMatrix(AbstractCovariance):
+class AbstractScaledMatrix(AbstractCovariance):
+    """σ²·M for a known matrix M (n×n), σ² = ``transform``(θ): one parameter, ``variance``."""
+
+    num_free_params = property(lambda self: 1)
+    scale_mask = property(lambda self: (True,))
+
+    def _variance(self, theta):
+        return self.transform.forward(self._check_theta(theta)[0])
+
+    def _local_names(self):
+        return ("variance",)
+
+    def build_params(self, theta):
+        return self.transform.forward(self._check_theta(theta))
+
+    def em_plan(self):
+        # M is taken as full rank (dimension n): with a lower rank the EM step is damped, not wrong.
+        return ((self.shape[0], self.transform.power),)
+
+
+class ScalarMatrix(AbstractScaledMatrix):
     """σ²·I_n with σ² = transform(θ) (default ``Exp()``: σ² = exp(θ)). One parameter: ``variance``."""
 
     n: int = eqx.field(static=True)
@@ -78,25 +98,13 @@ class ScalarMatrix(AbstractCovariance):
         self.name = name
         self.transform = Exp() if transform is None else transform
 
-    num_free_params = property(lambda self: 1)
     shape = property(lambda self: (self.n, self.n))
-    scale_mask = property(lambda self: (True,))
 
     def __call__(self, theta):
-        theta = self._check_theta(theta)
-        return self.transform.forward(theta[0]) * jnp.eye(self.n, dtype=theta.dtype)
-
-    def _local_names(self):
-        return ("variance",)
-
-    def build_params(self, theta):
-        return self.transform.forward(self._check_theta(theta))
+        return self._variance(theta) * jnp.eye(self.n, dtype=jnp.asarray(theta).dtype)
 
     def default_theta(self, variance):
         return jnp.reshape(self.transform.inverse(variance), (1,))
-
-    def em_plan(self):
-        return ((self.n, self.transform.power),)
 
 
 class DiagonalMatrix(AbstractCovariance):
@@ -268,7 +276,7 @@ def _diagonal(K):
     return jnp.diagonal(K) if isinstance(K, jax.core.Tracer) else np.diagonal(np.asarray(K))
 
 
-class FixedMatrix(AbstractCovariance):
+class FixedMatrix(AbstractScaledMatrix):
     """σ²·K for a known symmetric matrix K (a genomic or pedigree relationship matrix); σ² = exp(θ)."""
 
     K: Float[Array, "n n"]
@@ -292,29 +300,16 @@ class FixedMatrix(AbstractCovariance):
         if asym > 1e-8 * scale:
             raise ValueError(f"FixedMatrix K must be symmetric: max |K - K.T| = {asym:.3g}")
 
-    num_free_params = property(lambda self: 1)
     shape = property(lambda self: self.K.shape)
-    scale_mask = property(lambda self: (True,))
 
     def __call__(self, theta):
-        theta = self._check_theta(theta)
-        return self.transform.forward(theta[0]) * self.K.astype(theta.dtype)
-
-    def _local_names(self):
-        return ("variance",)
-
-    def build_params(self, theta):
-        return self.transform.forward(self._check_theta(theta))
-
-    def em_plan(self):
-        # K is taken as full rank (dimension n): with a lower rank the EM step is damped, not wrong.
-        return ((self.K.shape[0], self.transform.power),)
+        return self._variance(theta) * self.K.astype(jnp.asarray(theta).dtype)
 
     def default_theta(self, variance):
         return jnp.reshape(self.transform.inverse(variance / _mean_positive(_diagonal(self.K))), (1,))
 
 
-class KnownDiagonalMatrix(AbstractCovariance):
+class KnownDiagonalMatrix(AbstractScaledMatrix):
     """σ²·diag(d) for a known vector d ≥ 0 (n,), σ² = exp(θ): known relative variances (inverse prior weights, as
     lme4's ``weights``: d = 1/w), or a kernel's eigenvalues after its eigenvectors rotated the data (``fit_batch``).
 
@@ -345,22 +340,10 @@ class KnownDiagonalMatrix(AbstractCovariance):
                 + (f" ({bad.size} such entries)" if bad.size > 1 else "")
             )
 
-    num_free_params = property(lambda self: 1)
     shape = property(lambda self: (self.d.shape[0], self.d.shape[0]))
-    scale_mask = property(lambda self: (True,))
 
     def __call__(self, theta):
-        theta = self._check_theta(theta)
-        return jnp.diag(self.transform.forward(theta[0]) * self.d.astype(theta.dtype))
-
-    def _local_names(self):
-        return ("variance",)
-
-    def build_params(self, theta):
-        return self.transform.forward(self._check_theta(theta))
-
-    def em_plan(self):
-        return ((self.d.shape[0], self.transform.power),)
+        return jnp.diag(self._variance(theta) * self.d.astype(jnp.asarray(theta).dtype))
 
     def default_theta(self, variance):
         return jnp.reshape(self.transform.inverse(variance / _mean_positive(self.d)), (1,))
