@@ -228,6 +228,35 @@ def test_float32_is_an_explicit_opt_in():
     assert default.stdout.split() == ["True", "float64"]
 
 
+FLOAT32_DEFAULTS_SCRIPT = """
+import numpy as np, pandas as pd, jreml
+lme4_reml = {"dyestuff": -159.827138421129, "sleepstudy": -871.814135979976, "penicillin": -165.430294499803}
+for name, loglik in lme4_reml.items():
+    ex = jreml.example(name)
+    for method in ("reml", "ml"):
+        fit = jreml.estimate(ex.model, ex.y, ex.X, method=method)
+        assert fit.loglik.dtype == np.float32 and bool(fit.converged) and int(fit.n_iter) <= 20, (name, method)
+    fit = jreml.estimate(ex.model, ex.y, ex.X)
+    assert abs(float(fit.loglik) / loglik - 1) < 1e-5, (name, float(fit.loglik))
+ex = jreml.example("kinship")
+K = jreml.datasets.kinship_matrix()
+data = ex.data.assign(g=(np.arange(400) % 9).astype(str))
+relmat = {"id": pd.DataFrame(K, index=ex.data.id, columns=ex.data.id)}
+out = jreml.fit_batch("y ~ 1 + covariate + (1 | id) + (1 | g)", data, ["trait6", "trait7", "trait8"], relmat=relmat)
+assert out.converged.all() and out.n_iter.max() <= 20, out.to_frame()
+print("ok")
+"""
+
+
+def test_float32_converges_with_the_default_tolerances():
+    """The loop's convergence tests are floored at the dtype's rounding level: in float32 the default tolerances
+    lie below it, and every fit (even sleepstudy) ran to max_iter (200 iterations); also the MME back end with a
+    kernel in its eigenbasis (fit_batch)."""
+    env = {**os.environ, "JAX_ENABLE_X64": "0"}
+    run = subprocess.run([sys.executable, "-c", FLOAT32_DEFAULTS_SCRIPT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
 def test_compiler_options_apply_to_top_level_fits_only():
     """The `jreml` command compiles at LLVM level 0 (``compiler_options``): same numbers; a fit traced inside
     another jit (which jax.jit would refuse to give compiler options) still works; the options end with the block."""

@@ -240,13 +240,17 @@ def run(
         projected = jnp.where(free_mask(new_theta, new_ev.score, lb, ub), new_ev.score, 0.0)
         score_norm = jnp.linalg.norm(projected)
         step_norm = jnp.max(jnp.abs(step)) if k else jnp.zeros((), dtype)
-        score_ok = (score_norm < tol_score) | (not checks[0])
-        delta_ok = (step_norm < tol_delta) | (not checks[1])
-        loglik_ok = (jnp.abs(new_ev.loglik - ev.loglik) < tol_loglik) | (not checks[2])
+        # Floors at the dtype's rounding level (as the spectral path's): in float32 the default tolerances lie below
+        # it and fits ran to max_iter; in float64 the floors are below the defaults for |ℓ| < 10⁴.
+        noise = jnp.finfo(dtype).eps * (1.0 + jnp.abs(new_ev.loglik))
+        score_tol = jnp.maximum(tol_score, 64.0 * noise)
+        score_ok = (score_norm < score_tol) | (not checks[0])
+        delta_ok = (step_norm < jnp.maximum(tol_delta, jnp.sqrt(jnp.finfo(dtype).eps))) | (not checks[1])
+        loglik_ok = (jnp.abs(new_ev.loglik - ev.loglik) < jnp.maximum(tol_loglik, 8.0 * noise)) | (not checks[2])
         any_check = checks[0] or checks[1] or checks[2]
         converged = (i >= min_iter) & score_ok & delta_ok & loglik_ok & any_check
         # Nothing improves ℓ any more: converged if the score test (when on) says we are at the optimum.
-        stalled_at_optimum = ~accepted & (i >= min_iter) & (score_norm < tol_score) & checks[0]
+        stalled_at_optimum = ~accepted & (i >= min_iter) & (score_norm < score_tol) & checks[0]
         status = jnp.where(
             converged | stalled_at_optimum,
             CONVERGED,
