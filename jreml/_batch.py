@@ -303,6 +303,85 @@ def batch_form(model, spectral: bool) -> tuple[object, KernelRotation | None]:
     return (model, None) if rotation is None else (rotation.model, rotation)
 
 
+class _Group(NamedTuple):
+    """Responses of one missingness pattern: their columns, the design of their complete rows and how to fit it."""
+
+    cols: list[int]
+    design: object
+    rows: np.ndarray
+    size: int  # responses per chunk
+    spectral: bool
+    model: object  # the model as fitted (``batch_form``)
+    rotation: KernelRotation | None
+
+    @property
+    def chunks(self):
+        return _chunks(len(self.cols), self.size)
+
+    def describe(self) -> str:
+        how = "spectral" if self.spectral else ("mixed-model equations" if _mme_q(self.model) else "dense")
+        if self.rotation is not None:
+            how += " (in the kernel's eigenbasis)"
+        return f"{len(self.cols)} responses, n = {len(self.rows)}, {how} path, chunks of {self.size}"
+
+    def run(self, Y, method: str, fit_kwargs: dict):
+        """Fit the group chunk by chunk: yields (response indices, results, n_obs) per chunk."""
+        Yg = Y[np.ix_(self.rows, self.cols)].T  # (T_g, n_g)
+        X = self.design.X
+        if self.rotation is not None:
+            U = self.rotation.U
+            Yg, X = Yg @ U, (U.T @ np.asarray(X)).astype(np.asarray(X).dtype)
+        if self.spectral:
+            sdesign = decompose(self.design.model, X)
+        padded = padded_size(self.size)
+        for start, stop in self.chunks:
+            block = pad_batch(Yg[start:stop], padded)
+            if self.spectral:
+                res = fit_rotated(sdesign, rotate(sdesign, block), method=method, place=shard_batch, **fit_kwargs)
+            else:
+                options = tuple(sorted(fit_kwargs.items()))
+                res = _dense_batch(self.model, shard_batch(block), X, method, options)
+            yield np.asarray(self.cols[start:stop]), res, len(self.rows)
+
+
+class _PaddedGroups(NamedTuple):
+    """Spectral groups of several missingness patterns, fitted together: each response's rotated values padded with
+    zeros to the longest pattern (``fit_padded``), one compiled program instead of one per number of rows."""
+
+    groups: list[_Group]
+    size: int
+    spectral = True
+
+    @property
+    def chunks(self):
+        return _chunks(sum(len(g.cols) for g in self.groups), self.size)
+
+    def describe(self) -> str:
+        return (
+            f"the {sum(len(g.cols) for g in self.groups)} responses of {len(self.groups)} missingness patterns on the "
+            f"spectral path fitted together (padded to n = {max(len(g.rows) for g in self.groups)}), chunks of "
+            f"{self.size}"
+        )
+
+    def run(self, Y, method: str, fit_kwargs: dict):
+        length = max(len(g.rows) for g in self.groups)
+        columns, designs, rotated, counts = [], [], [], []
+        for g in self.groups:
+            sdesign = decompose(g.design.model, g.design.X)
+            values = rotate(sdesign, Y[np.ix_(g.rows, g.cols)].T)
+            rotated.append(np.pad(values, ((0, 0), (0, length - len(g.rows)))))
+            columns += list(g.cols)
+            designs += [sdesign] * len(g.cols)
+            counts += [len(g.rows)] * len(g.cols)
+        rotated = np.concatenate(rotated)
+        padded = padded_size(self.size)
+        for start, stop in self.chunks:
+            block = pad_batch(rotated[start:stop], padded)
+            chunk_designs = designs[start:stop] + [designs[start]] * (padded - (stop - start))  # as pad_batch does
+            res = fit_padded(chunk_designs, block, method=method, place=shard_batch, **fit_kwargs)
+            yield np.asarray(columns[start:stop]), res, np.asarray(counts[start:stop])
+
+
 #: ``verbose=1`` describes at most this many groups of responses (missingness patterns).
 MAX_GROUPS_SHOWN = 10
 
@@ -416,7 +495,7 @@ def fit_batch(
     }
     errors = {}
     h2_info = _kernel_term_index(first.model)
-    plan = []
+    plan: list[_Group] = []
     for cols, design, err in groups:
         if design is None:
             for j in cols:
@@ -426,7 +505,6 @@ def fit_batch(
             for j in cols:
                 errors[names[j]] = "its complete rows give a different model (parameters or fixed effects)"
             continue
-        rows = design.y.astype(int)
         use_spectral = spectral
         form = spectral_form(design.model)
         if use_spectral is None:
@@ -436,68 +514,27 @@ def fit_batch(
         fitted_model, rotation = batch_form(design.model, use_spectral)
         per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
         size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
+        group = _Group(cols, design, design.y.astype(int), size, use_spectral, fitted_model, rotation)
         if verbose and len(plan) < MAX_GROUPS_SHOWN:
-            how = "spectral" if use_spectral else ("mixed-model equations" if _mme_q(fitted_model) else "dense")
-            if rotation is not None:
-                how += " (in the kernel's eigenbasis)"
-            print(
-                f"fit_batch: {len(cols)} responses, n = {len(rows)}, {how} path, ≈ {per_response / 2**20:.3g} MiB "
-                f"working memory per response, chunks of {size}"
-            )
-        plan.append((cols, design, rows, _chunks(len(cols), size), size, use_spectral, fitted_model, rotation))
+            print(f"fit_batch: {group.describe()}, ≈ {per_response / 2**20:.3g} MiB working memory per response")
+        plan.append(group)
     if verbose and len(plan) > MAX_GROUPS_SHOWN:
         print(f"fit_batch: … {len(plan) - MAX_GROUPS_SHOWN} more groups (missingness patterns)")
     # Several missingness patterns on the spectral path: one program for all of them, each response's rotated
     # values padded to the longest pattern (``fit_padded``), instead of one compilation per number of rows.
-    spectral_plan = [entry for entry in plan if entry[5]]
-    padded_jobs = []
-    if len(spectral_plan) > 1:
-        plan = [entry for entry in plan if not entry[5]]
-        length = max(len(entry[2]) for entry in spectral_plan)
-        columns, designs, rotated, counts = [], [], [], []
-        for cols, design, rows, *_ in spectral_plan:
-            sdesign = decompose(design.model, design.X)
-            values = rotate(sdesign, Y[np.ix_(rows, cols)].T)
-            rotated.append(np.pad(values, ((0, 0), (0, length - len(rows)))))
-            columns += list(cols)
-            designs += [sdesign] * len(cols)
-            counts += [len(rows)] * len(cols)
+    spectral_groups = [group for group in plan if group.spectral]
+    jobs: list[_Group | _PaddedGroups] = list(plan)
+    if len(spectral_groups) > 1:
+        jobs = [group for group in plan if not group.spectral]
         size = _auto_chunk(bytes_per_response(first.model, p, spectral=True)) if chunk_size == "auto" else chunk_size
-        size = min(size, len(columns))
-        padded_jobs = [(columns, designs, np.concatenate(rotated), counts, _chunks(len(columns), size), size)]
+        jobs.append(_PaddedGroups(spectral_groups, min(size, sum(len(g.cols) for g in spectral_groups))))
         if verbose:
-            print(
-                f"fit_batch: the {len(columns)} responses of {len(spectral_plan)} missingness patterns on the spectral "
-                f"path fitted together (padded to n = {length}), chunks of {size}"
-            )
-    total_chunks = sum(len(entry[3]) for entry in plan) + sum(len(job[4]) for job in padded_jobs)
+            print(f"fit_batch: {jobs[-1].describe()}")
+    total_chunks = sum(len(job.chunks) for job in jobs)
     done = 0
-    for cols, design, rows, chunks, size, use_spectral, fitted_model, rotation in plan:
-        Yg = Y[np.ix_(rows, cols)].T  # (T_g, n_g)
-        X = design.X
-        if rotation is not None:
-            Yg, X = Yg @ rotation.U, (rotation.U.T @ np.asarray(X)).astype(np.asarray(X).dtype)
-        if use_spectral:
-            sdesign = decompose(design.model, design.X)
-        padded = padded_size(size)
-        for start, stop in chunks:
-            block = pad_batch(Yg[start:stop], padded)
-            if use_spectral:
-                res = fit_rotated(sdesign, rotate(sdesign, block), method=method, place=shard_batch, **fit_kwargs)
-            else:
-                options = tuple(sorted(fit_kwargs.items()))
-                res = _dense_batch(fitted_model, shard_batch(block), X, method, options)
-            _store(out, np.asarray(cols[start:stop]), res, len(rows), use_spectral)
-            done += 1
-            if verbose:
-                _progress(done, total_chunks)
-    for columns, designs, rotated, counts, chunks, size in padded_jobs:
-        padded = padded_size(size)
-        for start, stop in chunks:
-            block = pad_batch(rotated[start:stop], padded)
-            chunk_designs = designs[start:stop] + [designs[start]] * (padded - (stop - start))  # as pad_batch does
-            res = fit_padded(chunk_designs, block, method=method, place=shard_batch, **fit_kwargs)
-            _store(out, np.asarray(columns[start:stop]), res, np.asarray(counts[start:stop]), True)
+    for job in jobs:
+        for idx, res, n_obs in job.run(Y, method, fit_kwargs):
+            _store(out, idx, res, n_obs, job.spectral)
             done += 1
             if verbose:
                 _progress(done, total_chunks)
