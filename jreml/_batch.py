@@ -18,7 +18,7 @@ from ._design.build import build_design
 from ._estimate import _mme_q, estimate
 from ._sharding import pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
-from ._spectral import decompose, fit_padded, fit_rotated, rotate, spectral_form
+from ._spectral import SpectralDesign, decompose, fit_padded, fit_rotated, kernel_on_rows, rotate, spectral_form
 
 __all__ = ["BatchFit", "fit_batch"]
 
@@ -235,18 +235,11 @@ def _kernel_on_rows(term) -> tuple[np.ndarray, str, object] | None:
     """(K on the observations (n×n), parameter label, transform) of a one-variance known-kernel term σ²·K or
     Z·σ²K·Zᵀ with a fixed Z; None for any other term."""
     if isinstance(term, FixedMatrix):
-        return np.asarray(term.K, dtype=float), term.label, term.transform
+        return kernel_on_rows(term), term.label, term.transform
     if not (isinstance(term, CovariancePropagation) and isinstance(term.G, FixedMatrix) and not term.Z.num_free_params):
         return None
-    K = np.asarray(term.G.K, dtype=float)
-    if isinstance(term.Z, DummyMatrix) and not term.Z.drop_first:
-        codes = np.asarray(term.Z.codes)
-        on_rows = K[np.ix_(codes, codes)]
-    else:
-        z = np.asarray(term.Z(jax.numpy.zeros((0,))), dtype=float)
-        on_rows = z @ K @ z.T
     label = ".".join(part for part in (term.label, term.G.label) if part)
-    return on_rows, label or None, term.G.transform
+    return kernel_on_rows(term), label or None, term.G.transform
 
 
 def _rotate_kernel(model) -> KernelRotation | None:
@@ -304,15 +297,22 @@ def batch_form(model, spectral: bool) -> tuple[object, KernelRotation | None]:
 
 
 class _Group(NamedTuple):
-    """Responses of one missingness pattern: their columns, the design of their complete rows and how to fit it."""
+    """Responses of one missingness pattern: their columns, their complete rows and how to fit them.
+
+    A spectral group keeps only its kernel's eigenvalues, the rotated X and the rotated responses (``spectral_design``
+    without U, ``rotated``), not the design: with one pattern per response, designs and eigenvectors (n² numbers
+    each) would otherwise all be held at once. Other groups keep their design and the model as fitted.
+    """
 
     cols: list[int]
-    design: object
     rows: np.ndarray
     size: int  # responses per chunk
     spectral: bool
-    model: object  # the model as fitted (``batch_form``)
-    rotation: KernelRotation | None
+    design: object = None
+    model: object = None  # the model as fitted (``batch_form``)
+    rotation: KernelRotation | None = None
+    spectral_design: SpectralDesign | None = None
+    rotated: np.ndarray | None = None  # (T_g, n_g): Uᵀy of each response
 
     @property
     def chunks(self):
@@ -326,18 +326,18 @@ class _Group(NamedTuple):
 
     def run(self, Y, method: str, fit_kwargs: dict):
         """Fit the group chunk by chunk: yields (response indices, results, n_obs) per chunk."""
-        Yg = Y[np.ix_(self.rows, self.cols)].T  # (T_g, n_g)
-        X = self.design.X
+        if self.spectral:
+            Yg, X = self.rotated, None
+        else:
+            Yg, X = Y[np.ix_(self.rows, self.cols)].T, self.design.X  # (T_g, n_g)
         if self.rotation is not None:
             U = self.rotation.U
             Yg, X = Yg @ U, (U.T @ np.asarray(X)).astype(np.asarray(X).dtype)
-        if self.spectral:
-            sdesign = decompose(self.design.model, X)
         padded = padded_size(self.size)
         for start, stop in self.chunks:
             block = pad_batch(Yg[start:stop], padded)
             if self.spectral:
-                res = fit_rotated(sdesign, rotate(sdesign, block), method=method, place=shard_batch, **fit_kwargs)
+                res = fit_rotated(self.spectral_design, block, method=method, place=shard_batch, **fit_kwargs)
             else:
                 options = tuple(sorted(fit_kwargs.items()))
                 res = _dense_batch(self.model, shard_batch(block), X, method, options)
@@ -367,11 +367,9 @@ class _PaddedGroups(NamedTuple):
         length = max(len(g.rows) for g in self.groups)
         columns, designs, rotated, counts = [], [], [], []
         for g in self.groups:
-            sdesign = decompose(g.design.model, g.design.X)
-            values = rotate(sdesign, Y[np.ix_(g.rows, g.cols)].T)
-            rotated.append(np.pad(values, ((0, 0), (0, length - len(g.rows)))))
+            rotated.append(np.pad(g.rotated, ((0, 0), (0, length - len(g.rows)))))
             columns += list(g.cols)
-            designs += [sdesign] * len(g.cols)
+            designs += [g.spectral_design] * len(g.cols)
             counts += [len(g.rows)] * len(g.cols)
         rotated = np.concatenate(rotated)
         padded = padded_size(self.size)
@@ -465,19 +463,45 @@ def fit_batch(
     for j in range(T):
         patterns.setdefault(np.packbits(ok[:, j]).tobytes(), []).append(j)
 
-    groups = []
+    # One pass over the patterns: a spectral group is reduced to its rotated data at once (see ``_Group``).
+    first, failures, errors, plan = None, [], {}, []
     for cols in patterns.values():
         row_index = np.where(ok[:, cols[0]], np.arange(len(data), dtype=float), np.nan)
         try:
             design = build_design(f"{_ROW} ~ {rhs}", data.assign(**{_ROW: row_index}), relmat)
         except Exception as err:  # e.g. a pattern leaving too few rows or levels: these responses fail alone
-            groups.append((cols, None, err))
+            failures.append(err)
+            errors.update({names[j]: str(err) for j in cols})
             continue
-        groups.append((cols, design, None))
-    designs = [g[1] for g in groups if g[1] is not None]
-    if not designs:
-        raise ValueError(f"no response could be set up: {groups[0][2]}")
-    first = designs[0]
+        if first is None:
+            first = design
+        elif design.model.param_names != first.model.param_names or design.beta_names != first.beta_names:
+            errors.update(
+                {names[j]: "its complete rows give a different model (parameters or fixed effects)" for j in cols}
+            )
+            continue
+        rows = design.y.astype(int)
+        use_spectral = spectral
+        form = spectral_form(design.model)
+        if use_spectral is None:
+            use_spectral = form is not None and set(fit_kwargs) <= SPECTRAL_OPTIONS
+        if use_spectral and form is None:
+            raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
+        fitted_model, rotation = batch_form(design.model, use_spectral)
+        per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
+        size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
+        if use_spectral:
+            sdesign = decompose(design.model, design.X)
+            rotated = rotate(sdesign, Y[np.ix_(rows, cols)].T)
+            compact = sdesign._replace(U=None, form=sdesign.form._replace(kernel=None))  # no n_g² arrays kept
+            group = _Group(cols, rows, size, True, spectral_design=compact, rotated=rotated)
+        else:
+            group = _Group(cols, rows, size, False, design, fitted_model, rotation)
+        if verbose and len(plan) < MAX_GROUPS_SHOWN:
+            print(f"fit_batch: {group.describe()}, ≈ {per_response / 2**20:.3g} MiB working memory per response")
+        plan.append(group)
+    if first is None:
+        raise ValueError(f"no response could be set up: {failures[0]}")
     k, p = first.model.num_free_params, first.X.shape[1]
     out = {
         "theta": np.full((T, k), np.nan),
@@ -493,31 +517,7 @@ def fit_batch(
         "n_obs": np.zeros(T, int),
         "spectral": np.zeros(T, bool),
     }
-    errors = {}
     h2_info = _kernel_term_index(first.model)
-    plan: list[_Group] = []
-    for cols, design, err in groups:
-        if design is None:
-            for j in cols:
-                errors[names[j]] = str(err)
-            continue
-        if design.model.param_names != first.model.param_names or design.beta_names != first.beta_names:
-            for j in cols:
-                errors[names[j]] = "its complete rows give a different model (parameters or fixed effects)"
-            continue
-        use_spectral = spectral
-        form = spectral_form(design.model)
-        if use_spectral is None:
-            use_spectral = form is not None and set(fit_kwargs) <= SPECTRAL_OPTIONS
-        if use_spectral and form is None:
-            raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
-        fitted_model, rotation = batch_form(design.model, use_spectral)
-        per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
-        size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
-        group = _Group(cols, design, design.y.astype(int), size, use_spectral, fitted_model, rotation)
-        if verbose and len(plan) < MAX_GROUPS_SHOWN:
-            print(f"fit_batch: {group.describe()}, ≈ {per_response / 2**20:.3g} MiB working memory per response")
-        plan.append(group)
     if verbose and len(plan) > MAX_GROUPS_SHOWN:
         print(f"fit_batch: … {len(plan) - MAX_GROUPS_SHOWN} more groups (missingness patterns)")
     # Several missingness patterns on the spectral path: one program for all of them, each response's rotated
