@@ -49,7 +49,7 @@ __all__ = ["SpectralForm", "SpectralFit", "spectral_form", "decompose", "fit_spe
 class SpectralForm(NamedTuple):
     """A model V = σ²_k·K + σ²_e·I: the kernel, θ positions of the two variances and their transform powers."""
 
-    kernel: np.ndarray
+    kernel: np.ndarray | None  # None in the compact designs fit_batch keeps per missingness pattern
     kernel_index: int
     residual_index: int
     powers: tuple[float, float]  # (kernel, residual)
@@ -60,7 +60,7 @@ class SpectralDesign(NamedTuple):
     """The eigendecomposition of a kernel and the rotated fixed design (computed once, reused for all y)."""
 
     form: SpectralForm
-    U: np.ndarray
+    U: np.ndarray | None  # None once the responses are rotated (fit_batch's compact designs)
     lam: np.ndarray
     Xt: np.ndarray
     base_theta: np.ndarray  # model.default_theta(1): θ for unit variances (start/bounds shift by log(scale)/power)
