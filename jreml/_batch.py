@@ -223,12 +223,22 @@ def _low_rank_kernels(model):
     return rewritten
 
 
+def takes_spectral_path(form, options) -> bool:
+    """Whether a model of spectral form ``form`` (or None) is fitted by the spectral path with these options."""
+    return form is not None and set(options) <= SPECTRAL_OPTIONS
+
+
 class KernelRotation(NamedTuple):
     """A model rewritten in the eigenbasis of its one full-rank kernel (``_rotate_kernel``): fit ``model`` to Uᵀy
     with fixed effects UᵀX."""
 
     model: Sum
     U: np.ndarray  # (n, n) eigenvectors of the kernel on the observations
+
+    def apply(self, Y, X):
+        """Responses (T, n) and fixed effects (n, p) in the kernel's eigenbasis: Y·U and UᵀX (X's dtype kept)."""
+        X = np.asarray(X)
+        return Y @ self.U, (self.U.T @ X).astype(X.dtype)
 
 
 def _kernel_on_rows(term) -> tuple[np.ndarray, str, object] | None:
@@ -331,8 +341,7 @@ class _Group(NamedTuple):
         else:
             Yg, X = Y[np.ix_(self.rows, self.cols)].T, self.design.X  # (T_g, n_g)
         if self.rotation is not None:
-            U = self.rotation.U
-            Yg, X = Yg @ U, (U.T @ np.asarray(X)).astype(np.asarray(X).dtype)
+            Yg, X = self.rotation.apply(Yg, X)
         padded = padded_size(self.size)
         for start, stop in self.chunks:
             block = pad_batch(Yg[start:stop], padded)
@@ -484,14 +493,14 @@ def fit_batch(
         use_spectral = spectral
         form = spectral_form(design.model)
         if use_spectral is None:
-            use_spectral = form is not None and set(fit_kwargs) <= SPECTRAL_OPTIONS
+            use_spectral = takes_spectral_path(form, fit_kwargs)
         if use_spectral and form is None:
             raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
         fitted_model, rotation = batch_form(design.model, use_spectral)
         per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
         size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
         if use_spectral:
-            sdesign = decompose(design.model, design.X)
+            sdesign = decompose(design.model, design.X, form)
             rotated = rotate(sdesign, Y[np.ix_(rows, cols)].T)
             compact = sdesign._replace(U=None, form=sdesign.form._replace(kernel=None))  # no n_g² arrays kept
             group = _Group(cols, rows, size, True, spectral_design=compact, rotated=rotated)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from ._batch import MAX_AUTO_CHUNK, SPECTRAL_OPTIONS, batch_form
+from ._batch import MAX_AUTO_CHUNK, batch_form, takes_spectral_path
 from ._estimate import estimate
 from ._sharding import device_count, pad_batch, padded_size, shard_batch
 from ._spectral import decompose, fit_rotated, rotate, spectral_form
@@ -124,19 +124,20 @@ def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | str | None =
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
     n_boot = int(n_boot)
-    spectral = spectral_form(fit.model) is not None and set(options) <= SPECTRAL_OPTIONS
+    form = spectral_form(fit.model)
+    spectral = takes_spectral_path(form, options)
     size = _chunk(chunk_size, n_boot, spectral)
     Ystar = np.asarray(simulate(fit, n_boot, seed))
     padded = padded_size(size)
     opts = tuple(sorted(options.items()))
     if spectral:
-        design = decompose(fit.model, fit.X)
+        design = decompose(fit.model, fit.X, form)
         Ystar = rotate(design, Ystar)
     else:
         model, rotation = batch_form(fit.model, spectral=False)
         X = fit.X
         if rotation is not None:  # Uᵀy*, UᵀX: the same likelihood in the kernel's eigenbasis
-            Ystar, X = Ystar @ rotation.U, jnp.asarray(rotation.U.T @ np.asarray(X), fit.X.dtype)
+            Ystar, X = rotation.apply(Ystar, X)
     parts = []
     for start in range(0, n_boot, size):
         block = pad_batch(Ystar[start : start + size], padded)

@@ -115,9 +115,10 @@ def spectral_form(model: AbstractCovariance) -> SpectralForm | None:
     return None
 
 
-def decompose(model: AbstractCovariance, X) -> SpectralDesign:
-    """Eigendecompose the model's kernel (once) and rotate X. Raises if the model is not spectral."""
-    form = spectral_form(model)
+def decompose(model: AbstractCovariance, X, form: SpectralForm | None = None) -> SpectralDesign:
+    """Eigendecompose the model's kernel (once) and rotate X. Raises if the model is not spectral. ``form``: the
+    model's ``spectral_form`` where the caller has it already (it builds the n×n kernel)."""
+    form = spectral_form(model) if form is None else form
     if form is None:
         raise ValueError("the model is not of the form sigma2_k * K + sigma2_e * I (one kernel + ScalarMatrix)")
     K = 0.5 * (form.kernel + form.kernel.T)
