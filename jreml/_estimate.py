@@ -126,6 +126,8 @@ def _fit(
 
     singular_threshold = model.default_theta(scale * SINGULAR_RELATIVE_VARIANCE)
     snap = jnp.where(scale_mask, singular_threshold, -jnp.inf)
+    # variance = e^{p·θ} on the scale parameters: p = 1 / (θ(e·v) − θ(v))
+    powers = jnp.where(scale_mask, 1.0 / (model.default_theta(scale * jnp.e) - model.default_theta(scale)), 1.0)
     mme = None
     if backend == "mme":
         # Z, ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
@@ -141,6 +143,7 @@ def _fit(
         ub.astype(dtype),
         snap.astype(dtype),
         scale_mask,
+        powers.astype(dtype),
         tolerances,
         eta,
         reml=reml,

@@ -112,4 +112,5 @@ def test_grm_plus_group_bootstrap_is_refitted_in_the_eigenbasis():
     boot = bootstrap(fit, 12, seed=4)
     loglik, params = _loop(fit, fit.model, fit.X, np.asarray(simulate(fit, 12, seed=4)))
     np.testing.assert_allclose(boot.loglik, loglik, rtol=0, atol=1e-8)
-    np.testing.assert_allclose(boot.params, params, rtol=1e-6, atol=1e-9)
+    # Two runs of the loop from different bases stop within its tolerance (tol_delta = 1e-6 in log-variance).
+    np.testing.assert_allclose(boot.params, params, rtol=5e-6, atol=1e-9)

@@ -10,3 +10,4 @@ class AI(AbstractAlgorithm):
 
     information: ClassVar[str] = "ai"
     name: ClassVar[str] = "ai"
+    secant: ClassVar[bool] = True

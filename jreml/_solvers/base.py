@@ -16,8 +16,9 @@ def free_mask(theta, score, lb, ub) -> Bool[Array, " k"]:
     return ~(at_lower | at_upper)
 
 
-def solve_information(info, rhs, *, absolute: bool = False) -> Float[Array, " k"]:
-    """info⁻¹·rhs, Jacobi-scaled, by a symmetric eigendecomposition with eigenvalues floored at 1e-10·max|λ|.
+def solve_information(info, rhs, *, absolute: bool = False, damping=0.0) -> Float[Array, " k"]:
+    """(info + λ·diag|info|)⁻¹·rhs, Jacobi-scaled, by a symmetric eigendecomposition with eigenvalues floored at
+    1e-10·max|λ|; ``damping`` λ ≥ 0 (default 0: the plain solve) is Marquardt's (see ``projected_solve``).
 
     The scaling D = diag(info)^½ makes the solve invariant to the parameters' units: a log-variance near its
     boundary has score and information of order σ² and σ⁴, and an unscaled floor would freeze it there.
@@ -29,24 +30,30 @@ def solve_information(info, rhs, *, absolute: bool = False) -> Float[Array, " k"
     scale = jnp.where(diag > 0, jnp.sqrt(diag), 1.0)
     info = info / scale[:, None] / scale[None, :]
     rhs = rhs / scale
-    return _eig_solve(info, rhs, absolute) / scale
+    return _eig_solve(info, rhs, absolute, damping) / scale
 
 
-def _eig_solve(info, rhs, absolute):
+def _eig_solve(info, rhs, absolute, damping):
     eigvals, eigvecs = jnp.linalg.eigh(info)
     eigvals = jnp.abs(eigvals) if absolute else eigvals
     top = jnp.max(jnp.abs(eigvals))
     floor = 1e-10 * top + jnp.finfo(info.dtype).tiny
-    eigvals = jnp.maximum(eigvals, floor)
+    eigvals = jnp.maximum(eigvals, floor) + damping
     return eigvecs @ ((eigvecs.T @ rhs) / eigvals)
 
 
-def projected_solve(info, score, free, *, absolute: bool = False):
-    """The step info⁻¹·score restricted to the free parameters (zero for those held at a bound)."""
+def projected_solve(info, score, free, *, absolute: bool = False, damping=0.0):
+    """The step (info + λ·diag|info|)⁻¹·score restricted to the free parameters (zero for those held at a bound).
+
+    λ = ``damping`` ≥ 0 is Levenberg–Marquardt's, in Marquardt's scaling (Marquardt 1963, J. SIAM 11(2)): with
+    λ = 0 the (projected) Newton step; as λ grows the step shortens towards score_i/(λ·info_ii), each parameter
+    in its own units, and it stays an ascent direction for every λ.
+    """
     both = free[:, None] & free[None, :]
     eye = jnp.eye(info.shape[0], dtype=info.dtype)
     info_free = jnp.where(both, info, eye)
-    return jnp.where(free, solve_information(info_free, jnp.where(free, score, 0.0), absolute=absolute), 0.0)
+    rhs = jnp.where(free, score, 0.0)
+    return jnp.where(free, solve_information(info_free, rhs, absolute=absolute, damping=damping), 0.0)
 
 
 class AbstractAlgorithm(eqx.Module):
@@ -54,9 +61,13 @@ class AbstractAlgorithm(eqx.Module):
 
     information: ClassVar[str]
     name: ClassVar[str]
+    #: Whether the loop adds a secant estimate of the curvature that ``information`` leaves out (``run``): for
+    #: the average and the expected information, not for the observed one.
+    secant: ClassVar[bool] = False
 
-    def direction(self, theta, score, info, free):
-        return projected_solve(info, score, free)
+    def direction(self, theta, score, info, free, damping=0.0):
+        """info⁻¹·score over the free parameters; ``damping``: Levenberg–Marquardt's λ (``projected_solve``)."""
+        return projected_solve(info, score, free, damping=damping)
 
 
 def em_direction(theta, score, free, plan) -> Float[Array, " k"]:

@@ -10,3 +10,4 @@ class Fisher(AbstractAlgorithm):
 
     information: ClassVar[str] = "fisher"
     name: ClassVar[str] = "fisher"
+    secant: ClassVar[bool] = True

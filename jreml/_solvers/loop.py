@@ -28,6 +28,10 @@ RUNNING, CONVERGED, MAX_ITER, STALLED, INVALID_START = -1, 0, 1, 2, 3
 MAX_LOG_STEP = 5.0
 #: Largest step (−d) of a log-variance that is taken along the variance-scale arc (see ``run``).
 MAX_ARC_STEP = 1024.0
+#: Levenberg–Marquardt damping of the trust region (``run``): searched by bisection in log scale over this range of
+#: λ (relative to the Jacobi-scaled information, whose diagonal is 1), this many halvings of the interval.
+DAMPING_RANGE = (1e-10, 1e10)
+DAMPING_BISECTIONS = 40
 STATUS_MESSAGES = {
     CONVERGED: "converged",
     MAX_ITER: "did not converge: max_iter iterations reached",
@@ -128,6 +132,53 @@ def _print_iteration(verbose, max_iter, i, loglik, score_norm, step_norm, halvin
         print(f"\r[{'#' * filled}{'.' * (width - filled)}] iter {i:4d}  loglik {float(loglik):.8f}", end="")
 
 
+def _augmented(information, secant, use_secant, free):
+    """information + S on the free parameters when the last step chose the augmented model and it is positive
+    definite there (its Jacobi-scaled eigenvalues above 1e-8 of the largest), else the information itself."""
+    both = free[:, None] & free[None, :]
+    augmented = information + jnp.where(both, secant, 0.0)
+    trial = jnp.where(both, augmented, jnp.eye(free.shape[0], dtype=information.dtype))
+    diag = jnp.diagonal(trial)
+    scale = jnp.sqrt(jnp.where(diag > 0, diag, 1.0))
+    eigenvalues = jnp.linalg.eigvalsh(trial / scale[:, None] / scale[None, :])
+    definite = jnp.all(diag > 0) & (eigenvalues[0] > 1e-8 * eigenvalues[-1])
+    return jnp.where(use_secant & definite, augmented, information)
+
+
+def _secant_update(secant, use_secant, step, ev, new_ev, clean):
+    """The structured secant estimate S of −∂²ℓ/∂θ∂θᵀ − information after a step s, and which model (the
+    information alone, or information + S) predicted the step's gain in ℓ better (used for the next step).
+
+    The average and the expected information leave out Σ_k (∂ℓ/∂φ_k)·∂²φ_k/∂θ∂θᵀ, the curvature of a nonlinear
+    parametrization φ(θ) (a log-Cholesky factor, a correlation): zero where V is linear in θ and the natural
+    parameters' score vanishes, large at a singular fit, where a covariance matrix sits on the boundary of the
+    positive semidefinite cone with a non-zero score (AI-REML then converges linearly and stalls). S is updated
+    as in NL2SOL (Dennis, Gay & Welsch 1981, ACM TOMS 7(3), 348–368): with y = −(s₁ − s₀) the change of the
+    gradient of −ℓ and y# = y − I₁·s, S is sized by min(1, |sᵀy#| / |sᵀSs|) and then
+        S ← S + (r yᵀ + y rᵀ)/(yᵀs) − (rᵀs)·y yᵀ/(yᵀs)²,   r = y# − S s,
+    the symmetric update closest to S with (I₁ + S)·s = y; skipped unless yᵀs > √ε·‖y‖‖s‖. The model for the
+    next step is the one whose predicted gain sᵀs₀ − ½sᵀMs was closer to the actual one (NL2SOL's rule).
+    """
+    dtype = step.dtype
+    y = -(new_ev.score - ev.score)
+    y = jnp.where(step != 0.0, y, 0.0)
+    ys = y @ step
+    sharp = y - jnp.where(step != 0.0, new_ev.information @ step, 0.0)
+    s_secant_s = step @ secant @ step
+    size = jnp.where(jnp.abs(s_secant_s) > 0.0, jnp.minimum(1.0, jnp.abs(step @ sharp) / jnp.abs(s_secant_s)), 1.0)
+    sized = size * secant
+    r = sharp - sized @ step
+    safe_ys = jnp.where(ys > 0.0, ys, 1.0)
+    update = (jnp.outer(r, y) + jnp.outer(y, r)) / safe_ys - (r @ step) * jnp.outer(y, y) / safe_ys**2
+    curved = ys > jnp.sqrt(jnp.finfo(dtype).eps) * jnp.linalg.norm(y) * jnp.linalg.norm(step)
+    new_secant = jnp.where(clean & curved, sized + update, secant)
+    gain = new_ev.loglik - ev.loglik
+    predicted = ev.score @ step - 0.5 * step @ ev.information @ step
+    better = jnp.abs(gain - (predicted - 0.5 * s_secant_s)) <= jnp.abs(gain - predicted)
+    new_use = jnp.where(clean & jnp.any(step != 0.0), better, use_secant)
+    return new_secant, new_use
+
+
 def run(
     model,
     y,
@@ -137,6 +188,7 @@ def run(
     ub,
     snap,
     log_scale: Bool[Array, " k"],
+    powers: Float[Array, " k"],
     tolerances: Float[Array, " 3"],
     eta: Float[Array, ""],
     *,
@@ -152,7 +204,9 @@ def run(
     verbose: int,
     mme=None,
 ) -> LoopResult:
-    """``mme``: ``(structure, prepared)`` of the MME back end (``_backends.mme``), or None for the dense path."""
+    """``mme``: ``(structure, prepared)`` of the MME back end (``_backends.mme``), or None for the dense path.
+    ``powers``: p with variance = e^{p·θ} for each log-scale parameter (1 for a log-variance, 2 for a log standard
+    deviation or a log-Cholesky diagonal; 1 elsewhere)."""
     ev_kwargs = dict(
         reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder, mme=mme
     )
@@ -171,13 +225,17 @@ def run(
         return state[3] == RUNNING
 
     def body(state):
-        i, theta, ev, status, history = state
+        i, theta, ev, status, history, secant, use_secant = state
         free = free_mask(theta, ev.score, lb, ub)
+        information = ev.information
+        if algorithm.secant:
+            information = _augmented(information, secant, use_secant, free)
         no = jnp.zeros_like(free)
         if algorithm.name == "em":
             direction, hold, arc = em_direction(theta, ev.score, free, em_plan), no, no
+            capped = log_scale
         else:
-            solve = lambda mask: algorithm.direction(theta, ev.score, ev.information, mask)  # noqa: E731
+            solve = lambda mask, damping=0.0: algorithm.direction(theta, ev.score, information, mask, damping)  # noqa: E731
             # A log-variance whose step ends below the singular threshold ``snap``: its information vanishes
             # with the variance, so its step is huge, and left as it is (in the trust region below) it shrinks
             # every other parameter's step to nothing: a fit stuck for max_iter iterations at, or next to, a
@@ -191,20 +249,37 @@ def run(
             direction = jnp.where(hold, direction, solve(free & ~hold))
             crossing = log_scale & free & ~hold & (direction < 0) & (theta + direction < snap)
             hold = hold | (crossing & (ev.score <= 0))
-            direction = jnp.where(hold, direction, solve(free & ~hold))
+            rest = free & ~hold
+            direction = jnp.where(hold, direction, solve(rest))
             # Arc: one whose score pushes it up (the step comes from its coupling to the others) moves in the
-            # variance scale, e^θ·(1 + η·d), projected onto its bound where that is not positive: tangent to
-            # the step (an ascent for a short enough η), outside the trust region, so that the other parameters
-            # keep their steps. Only where step-halving soon reaches η·|d| < 1: a longer step comes from an
-            # ill-conditioned information, and the trust region takes it.
+            # variance scale, e^{pθ}·(1 + p·η·d), projected onto its bound where that is not positive: tangent to
+            # the step (an ascent for a short enough η), outside the trust region. Only where step-halving
+            # soon reaches η·|d| < 1: a longer step comes from an ill-conditioned information, and the trust
+            # region takes it.
             arc = log_scale & free & ~hold & (direction < 0) & (theta + direction < snap) & (direction > -MAX_ARC_STEP)
-        # Trust region on log-variances: a variance changes by at most a factor e^MAX_LOG_STEP per iteration.
-        # A log-variance near 0 has a tiny information and a huge Newton step; capped, it climbs out (or
-        # descends to its bound) in a few iterations instead of leaping far past the optimum.
-        capped = log_scale & ~hold & ~arc
-        longest = jnp.max(jnp.where(capped, jnp.abs(direction), 0.0), initial=0.0)
-        shrink = jnp.minimum(1.0, MAX_LOG_STEP / jnp.maximum(longest, MAX_LOG_STEP))
-        direction = jnp.where(hold | arc, direction, direction * shrink)
+            capped = log_scale & ~hold & ~arc
+            # Trust region on log-variances: a variance changes by at most a factor e^MAX_LOG_STEP per iteration.
+            # A log-variance near 0 has a tiny information and a huge Newton step. The step of the others is
+            # damped (Levenberg–Marquardt) until the longest capped one fits: a uniform shrink of the whole step
+            # instead would freeze every well-determined parameter (a residual variance with a large score stuck
+            # beside a random-effect variance on its way to 0), and the arc's steps must be damped with the
+            # others, or the combined step need not ascend.
+            longest = lambda d: jnp.max(jnp.where(capped, jnp.abs(d), 0.0), initial=0.0)  # noqa: E731
+
+            def bisect(_, interval):
+                lo, hi = interval
+                mid = jnp.sqrt(lo * hi)
+                too_long = longest(solve(rest, mid)) > MAX_LOG_STEP
+                return jnp.where(too_long, mid, lo), jnp.where(too_long, hi, mid)
+
+            needs_damping = longest(direction) > MAX_LOG_STEP
+            interval = (jnp.asarray(DAMPING_RANGE[0], dtype), jnp.asarray(DAMPING_RANGE[1], dtype))
+            damping = jnp.where(needs_damping, jax.lax.fori_loop(0, DAMPING_BISECTIONS, bisect, interval)[1], 0.0)
+            direction = jnp.where(hold, direction, solve(rest, damping))
+        # What the damping left too long (or EM's step) is shrunk as a whole: still an ascent direction.
+        longest_capped = jnp.max(jnp.where(capped, jnp.abs(direction), 0.0), initial=0.0)
+        shrink = jnp.minimum(1.0, MAX_LOG_STEP / jnp.maximum(longest_capped, MAX_LOG_STEP))
+        direction = jnp.where(hold, direction, direction * shrink)
         em_step = em_direction(theta, ev.score, free, em_plan) if use_em_fallback else None
         # Only rounding-level decreases are accepted: a looser tolerance lets an over-long step cycle.
         accept_tol = 4.0 * jnp.finfo(dtype).eps * (1.0 + jnp.abs(ev.loglik))
@@ -217,7 +292,9 @@ def run(
             j, _, _, _, _ = carry
             length = eta * jnp.exp2(-j.astype(dtype))
             step = length * direction
-            step = jnp.where(arc, jnp.log(jnp.maximum(1.0 + step, jnp.finfo(dtype).tiny)), step)
+            # variance e^{pθ} ← e^{pθ}·(1 + p·step): θ ← θ + log(1 + p·step)/p
+            arc_step = jnp.log(jnp.maximum(1.0 + powers * step, jnp.finfo(dtype).tiny)) / powers
+            step = jnp.where(arc, arc_step, step)
             if use_em_fallback:
                 step = jnp.where(j < max_halvings, step, em_step)
                 length = jnp.where(j < max_halvings, length, 0.0)
@@ -237,6 +314,12 @@ def run(
 
         i = i + 1
         step = new_theta - theta
+        if algorithm.secant:
+            # Only steps of the parameters the model's direction moved (none held, snapped or clipped to a bound)
+            # are secant pairs of that model.
+            modelled = rest & ~arc & (new_theta > lb) & (new_theta < ub)
+            clean = accepted & jnp.all(jnp.where(modelled, True, step == 0.0))
+            secant, use_secant = _secant_update(secant, use_secant, jnp.where(modelled, step, 0.0), ev, new_ev, clean)
         projected = jnp.where(free_mask(new_theta, new_ev.score, lb, ub), new_ev.score, 0.0)
         score_norm = jnp.linalg.norm(projected)
         step_norm = jnp.max(jnp.abs(step)) if k else jnp.zeros((), dtype)
@@ -266,11 +349,11 @@ def run(
                 step_norm,
                 halvings,
             )
-        return i, new_theta, new_ev, status, history
+        return i, new_theta, new_ev, status, history, secant, use_secant
 
-    state = (jnp.asarray(0), theta0, ev0, status0, history)
+    state = (jnp.asarray(0), theta0, ev0, status0, history, jnp.zeros((k, k), dtype), jnp.asarray(False))
     if max_iter > 0:
         state = jax.lax.while_loop(cond, body, state)
-    i, theta, ev, status, history = state
+    i, theta, ev, status, history, _, _ = state
     status = jnp.where(status == RUNNING, MAX_ITER, status)
     return LoopResult(theta, ev, i, status, history)

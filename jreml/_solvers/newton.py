@@ -11,5 +11,5 @@ class Newton(AbstractAlgorithm):
     information: ClassVar[str] = "observed"
     name: ClassVar[str] = "newton"
 
-    def direction(self, theta, score, info, free):
-        return projected_solve(info, score, free, absolute=True)
+    def direction(self, theta, score, info, free, damping=0.0):
+        return projected_solve(info, score, free, absolute=True, damping=damping)
