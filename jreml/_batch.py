@@ -15,7 +15,7 @@ from ._backends.mme import mme_structure
 from ._covariance.basic import FixedMatrix, KnownDiagonalMatrix, ScalarMatrix
 from ._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, Sum
 from ._design.build import build_design
-from ._estimate import _mme_q, estimate
+from ._estimate import _mme_q, estimate, refine_batch
 from ._sharding import pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
 from ._spectral import SpectralDesign, decompose, fit_padded, fit_rotated, kernel_on_rows, rotate, spectral_form
@@ -345,12 +345,27 @@ class _Group(NamedTuple):
         padded = padded_size(self.size)
         for start, stop in self.chunks:
             block = pad_batch(Yg[start:stop], padded)
+            m = stop - start
             if self.spectral:
                 res = fit_rotated(self.spectral_design, block, method=method, place=shard_batch, **fit_kwargs)
-            else:
-                options = tuple(sorted(fit_kwargs.items()))
-                res = _dense_batch(self.model, shard_batch(block), X, method, options)
-            yield np.asarray(self.cols[start:stop]), res, len(self.rows)
+                yield np.asarray(self.cols[start:stop]), _fields(res, m), len(self.rows)
+                continue
+            options = tuple(sorted(fit_kwargs.items()))
+            fields = _fields(_dense_batch(self.model, shard_batch(block), X, method, options, None), m)
+
+            def rerun(index, theta0, algorithm, block=block):
+                """``estimate``'s second tries for some of the chunk's responses, padded to the chunk's shape."""
+                options = tuple(sorted({**fit_kwargs, "algorithm": algorithm}.items()))
+                Y_sub, theta_sub = pad_batch(block[index], padded), pad_batch(theta0, padded)
+                res = _dense_batch(self.model, shard_batch(Y_sub), X, method, options, shard_batch(theta_sub))
+                return _fields(res, len(index))
+
+            fields = refine_batch(
+                rerun, fields, self.model, _algorithm_name(fit_kwargs), block[:m], X,
+                newton_fallback=fit_kwargs.get("newton_fallback", True),
+                restart_edge=fit_kwargs.get("restart_edge", True),
+            )  # fmt: skip
+            yield np.asarray(self.cols[start:stop]), fields, len(self.rows)
 
 
 class _PaddedGroups(NamedTuple):
@@ -386,36 +401,55 @@ class _PaddedGroups(NamedTuple):
             block = pad_batch(rotated[start:stop], padded)
             chunk_designs = designs[start:stop] + [designs[start]] * (padded - (stop - start))  # as pad_batch does
             res = fit_padded(chunk_designs, block, method=method, place=shard_batch, **fit_kwargs)
-            yield np.asarray(columns[start:stop]), res, np.asarray(counts[start:stop])
+            yield np.asarray(columns[start:stop]), _fields(res, stop - start), np.asarray(counts[start:stop])
 
 
 #: ``verbose=1`` describes at most this many groups of responses (missingness patterns).
 MAX_GROUPS_SHOWN = 10
 
 
-def _store(out: dict, idx, res, n_obs, spectral: bool) -> None:
-    """Copy one chunk's results (padded rows dropped) into the per-response arrays at ``idx``."""
-    m = len(idx)
-    for key, field in (
-        ("theta", "theta"),
-        ("params", "natural_params"),
-        ("vcov_theta", "vcov_theta"),
-        ("beta", "beta"),
-        ("se_beta", "se_beta"),
-        ("loglik", "loglik"),
-        ("converged", "converged"),
-        ("n_iter", "n_iter"),
-        ("status", "status"),
-        ("singular", "singular"),
-    ):
-        out[key][idx] = np.asarray(getattr(res, field))[:m]
+#: (BatchFit's array, the fit's field) copied per response.
+_STORED = (
+    ("theta", "theta"),
+    ("params", "natural_params"),
+    ("vcov_theta", "vcov_theta"),
+    ("beta", "beta"),
+    ("se_beta", "se_beta"),
+    ("loglik", "loglik"),
+    ("converged", "converged"),
+    ("n_iter", "n_iter"),
+    ("status", "status"),
+    ("singular", "singular"),
+)
+
+
+def _fields(res, m: int) -> dict:
+    """The first m responses' results of a chunk (padded rows dropped) as numpy arrays by field name (with
+    ``at_boundary`` where the fit has it)."""
+    names = [field for _, field in _STORED] + (["at_boundary"] if hasattr(res, "at_boundary") else [])
+    return {name: np.asarray(getattr(res, name))[:m] for name in names}
+
+
+def _store(out: dict, idx, fields: dict, n_obs, spectral: bool) -> None:
+    """Copy one chunk's results (``_fields``) into the per-response arrays at ``idx``."""
+    for key, field in _STORED:
+        out[key][idx] = fields[field]
     out["n_obs"][idx] = n_obs
     out["spectral"][idx] = spectral
 
 
+def _algorithm_name(fit_kwargs: dict) -> str:
+    algorithm = fit_kwargs.get("algorithm", "ai")
+    return algorithm if isinstance(algorithm, str) else algorithm.name
+
+
 @eqx.filter_jit
-def _dense_batch(model, Yc, X, reml_method, options):
-    return jax.vmap(lambda y: estimate(model, y, X, method=reml_method, throw=False, **dict(options)))(Yc)
+def _dense_batch(model, Yc, X, reml_method, options, theta0):
+    """Vmapped ``estimate`` over the responses Yc (B, n), from θ₀ (B, k) or, with None, the default start."""
+    if theta0 is None:
+        return jax.vmap(lambda y: estimate(model, y, X, method=reml_method, throw=False, **dict(options)))(Yc)
+    fit = lambda y, t: estimate(model, y, X, t, method=reml_method, throw=False, **dict(options))  # noqa: E731
+    return jax.vmap(fit)(Yc, theta0)
 
 
 def fit_batch(

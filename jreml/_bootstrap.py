@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ._batch import MAX_AUTO_CHUNK, batch_form, takes_spectral_path
-from ._estimate import estimate
+from ._estimate import BATCH_FIELDS, estimate, refine_batch
 from ._sharding import device_count, pad_batch, padded_size, shard_batch
 from ._spectral import decompose, fit_rotated, rotate, spectral_form
 
@@ -84,13 +84,37 @@ ACCELERATOR_CHUNK = 1024
 
 @eqx.filter_jit
 def _refit(model, Ystar, X, theta0, method, algorithm, options):
-    def one(y):
-        fit = estimate(model, y, X, theta0, method=method, algorithm=algorithm, throw=False, **dict(options))
-        # Only what BootstrapResult keeps: the per-iteration history and the final information are left out
-        # of the program (dead-code elimination) instead of being carried through every vmapped iteration.
-        return fit.theta, fit.natural_params, fit.beta, fit.loglik, fit.converged, fit.n_iter
+    """Vmapped ``estimate`` of the replicates Ystar (B, n) from θ₀ (B, k)."""
 
-    return jax.vmap(one)(Ystar)
+    def one(y, start):
+        fit = estimate(model, y, X, start, method=method, algorithm=algorithm, throw=False, **dict(options))
+        # Only what BootstrapResult keeps (and refine_batch reads): the per-iteration history and the final
+        # information are left out of the program (dead-code elimination) instead of being carried through every
+        # vmapped iteration.
+        return {field: getattr(fit, field) for field in BATCH_FIELDS}
+
+    return jax.vmap(one)(Ystar, theta0)
+
+
+def _refit_chunk(model, block, X, fit, padded: int, m: int, options: tuple) -> dict:
+    """The first m replicates of a padded chunk refitted from θ̂, with ``estimate``'s second tries
+    (``refine_batch``): each replicate's fit is the one ``estimate`` keeps on its own."""
+    algorithm = fit.algorithm.split("+")[0]  # "ai+newton": the fit's own algorithm was AI
+
+    def run(index, theta0, algorithm):
+        sub, start = pad_batch(block[index], padded), pad_batch(np.asarray(theta0), padded)
+        res = _refit(
+            model, shard_batch(jnp.asarray(sub)), X, shard_batch(jnp.asarray(start)), fit.method, algorithm, options
+        )
+        return {key: np.asarray(value)[: len(index)] for key, value in res.items()}
+
+    theta0 = np.broadcast_to(np.asarray(fit.theta), (len(block), np.shape(fit.theta)[0]))
+    first = run(np.arange(m), theta0[:m], algorithm)
+    flags = dict(options)
+    return refine_batch(
+        run, first, model, algorithm, block[:m], X,
+        newton_fallback=flags.get("newton_fallback", True), restart_edge=flags.get("restart_edge", True),
+    )  # fmt: skip
 
 
 def _chunk(chunk_size, n_boot: int, spectral: bool = False) -> int:
@@ -145,7 +169,8 @@ def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | str | None =
             out = fit_rotated(design, block, method=fit.method, place=shard_batch, **options)
             res = (out.theta, out.natural_params, out.beta, out.loglik, out.converged, out.n_iter)
         else:
-            res = _refit(model, shard_batch(jnp.asarray(block)), X, fit.theta, fit.method, fit.algorithm, opts)
+            res = _refit_chunk(model, block, X, fit, padded, min(size, n_boot - start), opts)
+            res = (res["theta"], res["natural_params"], res["beta"], res["loglik"], res["converged"], res["n_iter"])
         m = min(size, n_boot - start)
         parts.append(jax.tree_util.tree_map(lambda a, m=m: np.asarray(a)[:m], res))
     theta, params, beta, loglik, converged, n_iter = (np.concatenate(a) for a in zip(*parts, strict=True))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
 import equinox as eqx
@@ -23,7 +24,7 @@ from ._solvers.ai import AI
 from ._solvers.base import AbstractAlgorithm, free_mask
 from ._solvers.em import EM
 from ._solvers.fisher import Fisher
-from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STATUS_MESSAGES, run
+from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STALLED, STATUS_MESSAGES, run
 from ._solvers.newton import Newton
 
 ALGORITHMS = {"ai": AI, "fisher": Fisher, "newton": Newton, "em": EM}
@@ -374,6 +375,107 @@ def _resolve_backend(backend: str, mme_q, n: int, information: str, derivatives:
     return "mme"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Second tries after a fit (``newton_fallback``, ``restart_edge``): decided in numpy on the first fit's results,
+# for one fit (``estimate``) or a batch of them (``refine_batch``, used by ``fit_batch`` and ``bootstrap``).
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Algorithms whose information leaves out curvature that Newton–Raphson's observed information has.
+NEWTON_FALLBACK = ("ai", "fisher")
+#: A log-Cholesky G is reset to this fraction of the OLS residual variance (times I) for the restart.
+RESTART_VARIANCE = 0.1
+
+
+def _rounding(loglik):
+    loglik = np.asarray(loglik, dtype=float)
+    return 8 * np.finfo(loglik.dtype).eps * (1 + np.abs(loglik))
+
+
+def keep_newton(loglik, newton_loglik):
+    """Whether the Newton continuation is kept: its ℓ is not lower than the first fit's (within rounding)."""
+    return np.asarray(newton_loglik) >= np.asarray(loglik) - _rounding(loglik)
+
+
+def needs_restart(model, algorithm_name: str, status, at_boundary):
+    """Fits to start again (``restart_edge``): the model has a log-Cholesky G and the fit ended with a zero diagonal
+    of L or without converging (not for an invalid start, nor for EM). Batched: a mask over the leading axis."""
+    blocks = model.cholesky_blocks
+    status = np.asarray(status)
+    if not blocks or algorithm_name == "em":
+        return np.zeros(status.shape, bool)
+    diagonals = [start + i * (i + 1) // 2 + i for start, m in blocks for i in range(m)]
+    at_edge = np.any(np.asarray(at_boundary)[..., diagonals], axis=-1)
+    return (at_edge | (status != CONVERGED)) & (status != INVALID_START)
+
+
+def restart_theta(model, theta, Y, X):
+    """θ with every log-Cholesky block of the model reset to G = 0.1·σ²_OLS·I (σ²_OLS of each response in Y
+    (T, n)): (T, k), in θ's dtype."""
+    theta = np.array(theta, copy=True).reshape(len(Y), -1)
+    Y, X = np.asarray(Y, dtype=float), np.asarray(X, dtype=float)
+    coef, *_ = np.linalg.lstsq(X, Y.T, rcond=None)
+    resid = Y.T - X @ coef
+    scale = np.sum(resid**2, axis=0) / (X.shape[0] - X.shape[1])
+    log_sd = 0.5 * np.log(RESTART_VARIANCE * np.where(scale > 0, scale, 1.0))
+    for start, m in model.cholesky_blocks:
+        rows, cols = np.tril_indices(m)
+        theta[:, start : start + rows.size] = np.where(rows == cols, log_sd[:, None], 0.0)
+    return theta
+
+
+def keep_restart(loglik, status, other_loglik, other_status):
+    """Whether the restarted fit is kept: it converged, and to a higher ℓ, or to the same ℓ (within rounding) where
+    the first fit had not converged."""
+    loglik, other_loglik = np.asarray(loglik), np.asarray(other_loglik)
+    gain, rounding = other_loglik - loglik, _rounding(loglik)
+    converged = np.asarray(other_status) == CONVERGED
+    return converged & ((gain > rounding) | ((np.asarray(status) != CONVERGED) & (gain > -rounding)))
+
+
+#: Fields ``refine_batch`` reads and merges.
+BATCH_FIELDS = ("theta", "natural_params", "beta", "loglik", "converged", "n_iter", "status", "at_boundary")
+
+
+def refine_batch(run, results: dict, model, algorithm_name: str, Y, X, *, newton_fallback=True, restart_edge=True):
+    """The second tries of ``estimate`` for a batch of fits of one model: ``results`` maps field names (at least
+    ``BATCH_FIELDS``) to arrays with a leading response axis (T, ...); ``run(index, theta0, algorithm)`` refits the
+    responses ``index`` from ``theta0`` (len(index), k) and returns such a dict for them. Returns the merged dict:
+    each response's fit is the one ``estimate`` would keep on its own."""
+    results = {key: np.array(value, copy=True) for key, value in results.items()}
+
+    def merge(index, other, keep, n_iter_from=None):
+        take = index[keep]
+        for key, value in other.items():
+            if key in results:
+                results[key][take] = np.asarray(value)[keep]
+        if n_iter_from is not None:
+            results["n_iter"][take] += n_iter_from[keep]
+
+    if newton_fallback and algorithm_name in NEWTON_FALLBACK:
+        index = np.flatnonzero(results["status"] == STALLED)
+        if index.size:
+            first_iter = results["n_iter"][index].copy()
+            newton = run(index, results["theta"][index], "newton")
+            merge(index, newton, keep_newton(results["loglik"][index], newton["loglik"]), first_iter)
+    if restart_edge:
+        index = np.flatnonzero(needs_restart(model, algorithm_name, results["status"], results["at_boundary"]))
+        if index.size:
+            theta0 = restart_theta(model, results["theta"][index], np.asarray(Y)[index], X)
+            other = run(index, theta0, algorithm_name)
+            if newton_fallback and algorithm_name in NEWTON_FALLBACK:
+                stalled = np.flatnonzero(np.asarray(other["status"]) == STALLED)
+                if stalled.size:
+                    other = {key: np.array(value, copy=True) for key, value in other.items()}
+                    newton = run(index[stalled], np.asarray(other["theta"])[stalled], "newton")
+                    keep = keep_newton(other["loglik"][stalled], newton["loglik"])
+                    for key, value in newton.items():
+                        if key in other:
+                            other[key][stalled[keep]] = np.asarray(value)[keep]
+            keep = keep_restart(results["loglik"][index], results["status"][index], other["loglik"], other["status"])
+            merge(index, other, keep)
+    return results
+
+
 def _as_input(x, name: str):
     """Like ``as_float_array`` without a copy or dispatch where ``x`` already has jreml's float dtype."""
     dtype = float_dtype()
@@ -410,6 +512,8 @@ def estimate(
     verbose: int = 0,
     throw: bool = True,
     backend: str = "auto",
+    newton_fallback: bool = True,
+    restart_edge: bool = True,
 ) -> FitResult:
     """Fit y ~ N(Xβ, V(θ)) by REML (default) or ML; one jit-compiled ``lax.while_loop``.
 
@@ -428,6 +532,19 @@ def estimate(
             at least ``min_iter`` iterations: ‖projected score‖₂ < tol_score, max|Δθ| < tol_delta,
             |Δℓ| < tol_loglik.
         em_fallback: for variance-component models, try an EM-REML step when step-halving fails.
+        newton_fallback: when average-information or Fisher scoring stalls (no step increases ℓ while the
+            convergence tests fail), go on with Newton–Raphson on the observed information from where it stopped,
+            for up to ``max_iter`` more iterations (one compiled program per shape, whatever the first fit took),
+            and keep that fit when its ℓ is not lower (it then reports ``algorithm="ai+newton"`` and the
+            iterations of both). Their information leaves out the
+            curvature of a nonlinear parametrization, which a singular fit with a log-Cholesky G needs. Only in
+            calls with concrete arrays: under ``jit``/``vmap`` the first fit is returned as it is.
+        restart_edge: for models with a log-Cholesky G (``UnstructuredMatrix``), when the fit ends with a zero
+            diagonal of L (a singular G) or without converging, fit again from θ̂ with every such G reset to
+            0.1·σ²_OLS·I and keep the better fit (lme4's ``restart_edge``). At a singular G the log-Cholesky
+            parametrization has stationary points that are not optima (a correlation of the wrong sign that can
+            change sign only through a zero variance; L = 0), where a gradient-based fit can stop. Concrete
+            calls only, as ``newton_fallback``.
         verbose: 0 silent, 1 progress bar, 2 per-iteration table (host callbacks only when verbose > 0).
         throw: raise (``eqx.error_if``) when the start is invalid; otherwise report it in ``status``.
         backend: "auto" (default), "dense" or "mme". The mixed-model-equations back end evaluates
@@ -538,6 +655,36 @@ def estimate(
         raise RuntimeError(f"jreml.estimate: {STATUS_MESSAGES[INVALID_START]}")
     if verbose == 1 and status is not None:
         print()
+    concrete = status is not None and not traced  # the second tries below decide in Python on the first fit
+    options = dict(
+        method=method, derivatives=derivatives, dv_builder=dv_builder, max_iter=max_iter, eta=eta, lb=lb, ub=ub,
+        tol_score=tol_score, tol_delta=tol_delta, tol_loglik=tol_loglik, check_score=check_score,
+        check_delta=check_delta, check_loglik=check_loglik, min_iter=min_iter, max_halvings=max_halvings,
+        em_fallback=em_fallback, verbose=verbose, throw=False, backend=backend,
+    )  # fmt: skip
+    if concrete and newton_fallback and status == STALLED and algo.name in NEWTON_FALLBACK:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the fit that is kept warns below
+            newton = estimate(model, y, X, result.theta, algorithm="newton", newton_fallback=False, **options)
+        if keep_newton(result.loglik, newton.loglik):
+            result = dataclasses.replace(newton, n_iter=newton.n_iter + result.n_iter, algorithm=f"{algo.name}+newton")
+            status = int(result.status)
+    if concrete and restart_edge and needs_restart(model, algo.name, result.status, result.at_boundary):
+        theta_restart = restart_theta(model, result.theta, y[None], X)[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other = estimate(
+                model,
+                y,
+                X,
+                theta_restart,
+                algorithm=algorithm,
+                newton_fallback=newton_fallback,
+                restart_edge=False,
+                **options,
+            )
+        if keep_restart(result.loglik, result.status, other.loglik, other.status):
+            result, status = other, int(other.status)
     if status == MAX_ITER:
         warnings.warn(f"jreml.estimate: {STATUS_MESSAGES[MAX_ITER]} ({max_iter})", stacklevel=2)
     return result

@@ -4,6 +4,7 @@ import equinox as eqx
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REFERENCE_DIR, load_reference
 
 import jreml
 from jreml._batch import fit_batch
@@ -263,3 +264,17 @@ def test_one_full_rank_kernel_is_fitted_in_its_eigenbasis(capsys):
         np.testing.assert_allclose(out.params[j], np.asarray(single.natural_params), rtol=1e-6)
         np.testing.assert_allclose(out.beta[j], np.asarray(single.beta), rtol=1e-7)
         np.testing.assert_allclose(out.se_beta[j], np.asarray(single.se_beta), rtol=1e-6)
+
+
+def test_singular_random_slope_traits_get_the_second_tries_of_single_fits():
+    """fit_batch applies ``estimate``'s Newton fallback and restart at the edge to the responses that need them
+    (``refine_batch``): each response's fit is the one ``jreml.fit`` keeps on its own (here, lme4's optimum)."""
+    data = pd.read_csv(REFERENCE_DIR / "singular_sleepstudy.csv")
+    lme4 = load_reference("singular_sleepstudy")["fits"]
+    names = ["y2", "y20", "y50", "y54", "y3", "y7"]  # four that need a second try, two that do not
+    batch = fit_batch("y ~ Days + (Days | Subject)", data, names)
+    assert batch.converged.all(), batch.to_frame()
+    for j, name in enumerate(names):
+        single = jreml.fit(f"{name} ~ Days + (Days | Subject)", data)
+        np.testing.assert_allclose(batch.loglik[j], float(single.loglik), rtol=0, atol=1e-6)
+        assert batch.loglik[j] > lme4[name]["loglik"] - 1e-6, name

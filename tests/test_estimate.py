@@ -290,23 +290,29 @@ def singular_sleepstudy(reference):
     return fits, lme4
 
 
-def test_singular_random_slope_fits_reach_lme4_or_say_they_did_not_converge(singular_sleepstudy):
+def test_singular_random_slope_fits_reach_lme4(singular_sleepstudy):
     # Random intercept and slope, G = L Lᵀ (log-Cholesky): at a singular fit G sits on the boundary of the positive
-    # semidefinite cone. Before the Levenberg–Marquardt trust region and the secant curvature, 9 of these 60 fits
-    # did not converge (mean 32 iterations) and 6 ended below lme4's log-likelihood, one by 27.7.
+    # semidefinite cone. Before the Levenberg–Marquardt trust region, the secant curvature, the Newton fallback and
+    # the restart at the edge, 9 of these 60 fits did not converge (mean 32 iterations) and 6 ended below lme4's
+    # log-likelihood, one by 27.7.
     fits, lme4 = singular_sleepstudy
-    converged = []
     for name, fit in fits.items():
         ref = lme4[name]
         gap = float(fit.loglik) - ref["loglik"]
-        if bool(fit.converged):
-            converged.append(name)
-            assert gap > -1e-6, (name, gap)
-            if abs(gap) < 1e-6:  # the same optimum (where jreml is higher, lme4 stopped short of it)
-                lme4_params = np.array([ref["vcov"][i] for i in (0, 2, 1, 3)])  # var, cov, var, residual
-                np.testing.assert_allclose(fit.natural_params, lme4_params, rtol=0, atol=2e-3 * ref["vcov"][3])
-        else:
-            assert gap < 0.5, (name, gap)
-    assert len(converged) >= 54, sorted(set(fits) - set(converged))
-    # The worst case before: 27.7 below lme4 after max_iter iterations (a uniformly shrunk step that froze σ²).
-    assert bool(fits["y31"].converged) and float(fits["y31"].loglik) > lme4["y31"]["loglik"] - 1e-6
+        assert bool(fit.converged), (name, fit.algorithm, int(fit.status))
+        assert gap > -1e-6, (name, gap)
+        assert bool(fit.singular) or not ref["singular"], name
+        if abs(gap) < 1e-6:  # the same optimum (where jreml is higher, lme4 stopped short of it)
+            lme4_params = np.array([ref["vcov"][i] for i in (0, 2, 1, 3)])  # var, cov, var, residual
+            np.testing.assert_allclose(fit.natural_params, lme4_params, rtol=0, atol=2e-3 * ref["vcov"][3])
+
+
+def test_second_tries_are_counted_and_can_be_switched_off(singular_sleepstudy):
+    fits, lme4 = singular_sleepstudy
+    data = pd.read_csv(REFERENCE_DIR / "singular_sleepstudy.csv")
+    fit = fits["y50"]  # a correlation of the wrong sign at a zero variance: the restart finds lme4's optimum
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = jreml.fit("y50 ~ Days + (Days | Subject)", data, newton_fallback=False, restart_edge=False)
+    assert float(first.loglik) < lme4["y50"]["loglik"] - 0.01 < float(fit.loglik)
+    assert fit.algorithm in ("ai", "ai+newton")

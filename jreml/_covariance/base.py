@@ -77,6 +77,13 @@ class AbstractCovariance(eqx.Module):
         a sum of σ²_k·K_k terms with σ²_k = exp(power·θ_k) (then EM steps are not available)."""
         return None if self.num_free_params else ()
 
+    @property
+    def cholesky_blocks(self) -> tuple[tuple[int, int], ...]:
+        """The log-Cholesky blocks in θ (``LogCholesky``): (position of the block's first entry, size m) for each
+        m×m covariance G = L Lᵀ. The fitting loop and ``estimate`` treat their boundary specially (a zero diagonal
+        of L). Empty for other modules."""
+        return ()
+
     def random_terms(self, offset: int = 0) -> tuple[RandomTerm, ...]:
         """The Z·G·Zᵀ terms inside this module (empty for plain covariance matrices)."""
         return ()

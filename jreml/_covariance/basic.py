@@ -169,6 +169,10 @@ class UnstructuredMatrix(AbstractCovariance):
     def __call__(self, theta):
         return self.transform.forward(self._check_theta(theta))
 
+    @property
+    def cholesky_blocks(self):
+        return ((0, self.m),)
+
     def _local_names(self):
         names = []
         for i, j in zip(*np.tril_indices(self.m), strict=True):

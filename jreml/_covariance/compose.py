@@ -127,6 +127,15 @@ class DummyMatrix(AbstractKnownMatrix):
         return jnp.mean((self.codes != 0).astype(jnp.result_type(float)))
 
 
+def _offset_blocks(parts) -> tuple[tuple[int, int], ...]:
+    """The parts' ``cholesky_blocks`` in the θ of their concatenation."""
+    out, offset = [], 0
+    for part in parts:
+        out += [(offset + start, m) for start, m in part.cholesky_blocks]
+        offset += part.num_free_params
+    return tuple(out)
+
+
 def _split(theta, sizes: Sequence[int]):
     offsets = np.cumsum([0, *sizes])
     return [theta[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
@@ -171,6 +180,10 @@ class Sum(AbstractCovariance):
     num_free_params = property(lambda self: sum(t.num_free_params for t in self.terms))
     shape = property(lambda self: self.terms[0].shape)
     scale_mask = property(lambda self: sum((t.scale_mask for t in self.terms), ()))
+
+    @property
+    def cholesky_blocks(self):
+        return _offset_blocks(self.terms)
 
     def __call__(self, theta):
         theta = self._check_theta(theta)
@@ -237,6 +250,10 @@ class CovariancePropagation(AbstractCovariance):
     shape = property(lambda self: (self.Z.shape[0], self.Z.shape[0]))
     scale_mask = property(lambda self: self.Z.scale_mask + self.G.scale_mask)
 
+    @property
+    def cholesky_blocks(self):
+        return _offset_blocks((self.Z, self.G))
+
     def split(self, theta):
         return _split(theta, [self.Z.num_free_params, self.G.num_free_params])
 
@@ -289,6 +306,10 @@ class KroneckerProduct(AbstractCovariance):
     num_free_params = property(lambda self: self.A.num_free_params + self.B.num_free_params)
     shape = property(lambda self: (self.A.shape[0] * self.B.shape[0], self.A.shape[1] * self.B.shape[1]))
     scale_mask = property(lambda self: self.A.scale_mask + self.B.scale_mask)
+
+    @property
+    def cholesky_blocks(self):
+        return _offset_blocks((self.A, self.B))
 
     def split(self, theta):
         return _split(theta, [self.A.num_free_params, self.B.num_free_params])

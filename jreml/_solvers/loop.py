@@ -20,8 +20,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .._backends.mme import mme_evaluate
+from .._covariance.base import AbstractCovariance
 from .._likelihood import core, derivatives_at
-from .base import AbstractAlgorithm, em_direction, free_mask
+from .base import AbstractAlgorithm, em_direction, free_mask, projected_solve
 
 RUNNING, CONVERGED, MAX_ITER, STALLED, INVALID_START = -1, 0, 1, 2, 3
 #: Largest change of a log-variance in one iteration (before the step length η).
@@ -32,6 +33,8 @@ MAX_ARC_STEP = 1024.0
 #: λ (relative to the Jacobi-scaled information, whose diagonal is 1), this many halvings of the interval.
 DAMPING_RANGE = (1e-10, 1e10)
 DAMPING_BISECTIONS = 40
+#: Accepted steps in a row that leave ℓ unchanged (within rounding) before the loop stops (``run``).
+IDLE_LIMIT = 5
 STATUS_MESSAGES = {
     CONVERGED: "converged",
     MAX_ITER: "did not converge: max_iter iterations reached",
@@ -179,6 +182,47 @@ def _secant_update(secant, use_secant, step, ev, new_ev, clean):
     return new_secant, new_use
 
 
+def _columns(blocks) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(position of the log-diagonal, positions of the entries below it) of every column of the log-Cholesky
+    blocks that has entries below its diagonal (θ in ``LogCholesky``'s row-major lower order)."""
+    position = lambda start, i, j: start + i * (i + 1) // 2 + j  # noqa: E731
+    return tuple(
+        (position(start, j, j), tuple(position(start, i, j) for i in range(j + 1, m)))
+        for start, m in blocks
+        for j in range(m - 1)
+    )
+
+
+def _reflect(reflections, theta, ev: Evaluation, status, snap, accept_tol, evaluate_at):
+    """Where the fit is about to stop with a log-Cholesky column trapped at the boundary, the same fit with that
+    column's other entries negated, when that lets the column's diagonal grow: (θ, evaluation, status, flipped).
+
+    Trapped: the column's log-diagonal below the singular threshold, its score holding it there (≤ 0) and the
+    entries below it not all 0. G = Σ_j c_j c_jᵀ does not change when the entries of a column c_j with a zero
+    diagonal change sign, but the diagonal's score does (to first order it changes sign): a covariance matrix on
+    the boundary of the positive semidefinite cone whose correlation has the wrong sign can only reach the other
+    sign through a zero variance, which a log-scale step cannot cross (a singular fit stuck below lme4's optimum).
+    The flip is taken when ℓ does not decrease and a trapped diagonal's score becomes positive; the loop goes on.
+    """
+    signs = jnp.ones_like(theta)
+    trapped_any = jnp.zeros((), bool)
+    diagonals = []
+    for diagonal, below in reflections:
+        below = jnp.asarray(below)
+        trapped = (theta[diagonal] <= snap[diagonal]) & (ev.score[diagonal] <= 0) & jnp.any(theta[below] != 0)
+        signs = signs.at[below].set(jnp.where(trapped, -1.0, 1.0))
+        trapped_any = trapped_any | trapped
+        diagonals.append((diagonal, trapped))
+    stopping = (status == CONVERGED) | (status == STALLED)
+    candidate = theta * signs
+    want = stopping & trapped_any
+    cand_ev = jax.lax.cond(want, evaluate_at, lambda _: ev, candidate)
+    grows = jnp.any(jnp.stack([trapped & (cand_ev.score[d] > 0) for d, trapped in diagonals]))
+    take = want & cand_ev.ok & (cand_ev.loglik >= ev.loglik - accept_tol) & grows
+    new_ev = jax.tree.map(lambda a, b: jnp.where(take, a, b), cand_ev, ev)
+    return jnp.where(take, candidate, theta), new_ev, jnp.where(take, RUNNING, status), take
+
+
 def run(
     model,
     y,
@@ -214,6 +258,7 @@ def run(
     dtype = theta0.dtype
     tol_score, tol_delta, tol_loglik = tolerances[0], tolerances[1], tolerances[2]
     use_em_fallback = em_plan is not None and algorithm.name != "em"
+    reflections = _columns(model.cholesky_blocks) if isinstance(model, AbstractCovariance) else ()
     last_try = max_halvings + (1 if use_em_fallback else 0)
 
     theta0 = jnp.clip(theta0, lb, ub)
@@ -225,7 +270,7 @@ def run(
         return state[3] == RUNNING
 
     def body(state):
-        i, theta, ev, status, history, secant, use_secant = state
+        i, theta, ev, status, history, secant, use_secant, idle = state
         free = free_mask(theta, ev.score, lb, ub)
         information = ev.information
         if algorithm.secant:
@@ -332,13 +377,34 @@ def run(
         loglik_ok = (jnp.abs(new_ev.loglik - ev.loglik) < jnp.maximum(tol_loglik, 8.0 * noise)) | (not checks[2])
         any_check = checks[0] or checks[1] or checks[2]
         converged = (i >= min_iter) & score_ok & delta_ok & loglik_ok & any_check
-        # Nothing improves ℓ any more: converged if the score test (when on) says we are at the optimum.
-        stalled_at_optimum = ~accepted & (i >= min_iter) & (score_norm < score_tol) & checks[0]
+        # Accepted steps that leave ℓ unchanged (within rounding) IDLE_LIMIT times in a row are no progress either:
+        # at a singular fit, the score of a parameter whose effect is scaled by a variance at its bound can stay
+        # above tol_score while its steps, and those of a log-variance whose rounding-level score flips sign at
+        # the bound, go back and forth (the loop ran to max_iter there).
+        flat = jnp.abs(new_ev.loglik - ev.loglik) <= 8.0 * noise
+        idle = jnp.where(accepted & flat, idle + 1, 0)
+        progress = accepted & ((idle < IDLE_LIMIT) | (i < min_iter))
+        # Nothing improves ℓ any more: converged if the score test (when on) says we are at the optimum, or the
+        # gain in ℓ that the quadratic model predicts, ½ sᵀI⁻¹s, is below tol_loglik.
+        at_optimum = score_norm < score_tol
+        if algorithm.information != "none":
+            free_new = free_mask(new_theta, new_ev.score, lb, ub)
+            newton = projected_solve(new_ev.information, new_ev.score, free_new, absolute=True)
+            at_optimum = at_optimum | (0.5 * projected @ newton < jnp.maximum(tol_loglik, 8.0 * noise))
+        stalled_at_optimum = ~progress & (i >= min_iter) & at_optimum & checks[0]
         status = jnp.where(
             converged | stalled_at_optimum,
             CONVERGED,
-            jnp.where(~accepted, STALLED, jnp.where(i >= max_iter, MAX_ITER, RUNNING)),
+            jnp.where(~progress, STALLED, jnp.where(i >= max_iter, MAX_ITER, RUNNING)),
         )
+        if reflections:
+            evaluate_at = lambda t: evaluate(t, y, X, model, **ev_kwargs)  # noqa: E731
+            new_theta, new_ev, status, flipped = _reflect(
+                reflections, new_theta, new_ev, status, snap, accept_tol, evaluate_at
+            )
+            if algorithm.secant:  # S belongs to the old signs
+                secant = jnp.where(flipped, 0.0, secant)
+                use_secant = use_secant & ~flipped
         history = history.record(i, new_theta, new_ev, step, jnp.where(accepted, length, 0.0))
         if verbose:
             jax.debug.callback(
@@ -349,11 +415,12 @@ def run(
                 step_norm,
                 halvings,
             )
-        return i, new_theta, new_ev, status, history, secant, use_secant
+        return i, new_theta, new_ev, status, history, secant, use_secant, idle
 
-    state = (jnp.asarray(0), theta0, ev0, status0, history, jnp.zeros((k, k), dtype), jnp.asarray(False))
+    secant0 = (jnp.zeros((k, k), dtype), jnp.asarray(False))
+    state = (jnp.asarray(0), theta0, ev0, status0, history, *secant0, jnp.asarray(0))
     if max_iter > 0:
         state = jax.lax.while_loop(cond, body, state)
-    i, theta, ev, status, history, _, _ = state
+    i, theta, ev, status, history, _, _, _ = state
     status = jnp.where(status == RUNNING, MAX_ITER, status)
     return LoopResult(theta, ev, i, status, history)
