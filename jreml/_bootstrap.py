@@ -96,23 +96,30 @@ def _refit(model, Ystar, X, theta0, method, algorithm, options):
     return jax.vmap(one)(Ystar, theta0)
 
 
-def _refit_chunk(model, block, X, fit, padded: int, m: int, options: tuple) -> dict:
-    """The first m replicates of a padded chunk refitted from θ̂, with ``estimate``'s second tries
-    (``refine_batch``): each replicate's fit is the one ``estimate`` keeps on its own."""
+def _refit_all(model, Ystar, X, fit, size: int, options: tuple) -> dict:
+    """All replicates Ystar (B, n) refitted from θ̂ in padded chunks of ``size``, then ``estimate``'s second tries
+    (``refine_batch``) for the replicates that need them, gathered into as few chunks: each replicate's fit is the
+    one ``estimate`` keeps on its own."""
     algorithm = fit.algorithm.split("+")[0]  # "ai+newton": the fit's own algorithm was AI
+    padded = padded_size(size)
 
     def run(index, theta0, algorithm):
-        sub, start = pad_batch(block[index], padded), pad_batch(np.asarray(theta0), padded)
-        res = _refit(
-            model, shard_batch(jnp.asarray(sub)), X, shard_batch(jnp.asarray(start)), fit.method, algorithm, options
-        )
-        return {key: np.asarray(value)[: len(index)] for key, value in res.items()}
+        parts = []
+        for start in range(0, len(index), size):
+            rows = index[start : start + size]
+            sub = pad_batch(Ystar[rows], padded)
+            begin = pad_batch(np.asarray(theta0[start : start + size]), padded)
+            res = _refit(
+                model, shard_batch(jnp.asarray(sub)), X, shard_batch(jnp.asarray(begin)), fit.method, algorithm, options
+            )
+            parts.append({key: np.asarray(value)[: len(rows)] for key, value in res.items()})
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
-    theta0 = np.broadcast_to(np.asarray(fit.theta), (len(block), np.shape(fit.theta)[0]))
-    first = run(np.arange(m), theta0[:m], algorithm)
+    everyone = np.arange(len(Ystar))
+    first = run(everyone, np.broadcast_to(np.asarray(fit.theta), (len(Ystar), np.shape(fit.theta)[0])), algorithm)
     flags = dict(options)
     return refine_batch(
-        run, first, model, algorithm, block[:m], X,
+        run, first, model, algorithm, Ystar, X,
         newton_fallback=flags.get("newton_fallback", True), restart_edge=flags.get("restart_edge", True),
     )  # fmt: skip
 
@@ -162,18 +169,19 @@ def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | str | None =
         X = fit.X
         if rotation is not None:  # Uᵀy*, UᵀX: the same likelihood in the kernel's eigenbasis
             Ystar, X = rotation.apply(Ystar, X)
-    parts = []
-    for start in range(0, n_boot, size):
-        block = pad_batch(Ystar[start : start + size], padded)
-        if spectral:
-            out = fit_rotated(design, block, method=fit.method, place=shard_batch, **options)
+    if spectral:
+        parts = []
+        for start in range(0, n_boot, size):
+            out = fit_rotated(design, pad_batch(Ystar[start : start + size], padded), method=fit.method,
+                              place=shard_batch, **options)  # fmt: skip
+            m = min(size, n_boot - start)
             res = (out.theta, out.natural_params, out.beta, out.loglik, out.converged, out.n_iter)
-        else:
-            res = _refit_chunk(model, block, X, fit, padded, min(size, n_boot - start), opts)
-            res = (res["theta"], res["natural_params"], res["beta"], res["loglik"], res["converged"], res["n_iter"])
-        m = min(size, n_boot - start)
-        parts.append(jax.tree_util.tree_map(lambda a, m=m: np.asarray(a)[:m], res))
-    theta, params, beta, loglik, converged, n_iter = (np.concatenate(a) for a in zip(*parts, strict=True))
+            parts.append(jax.tree_util.tree_map(lambda a, m=m: np.asarray(a)[:m], res))
+        theta, params, beta, loglik, converged, n_iter = (np.concatenate(a) for a in zip(*parts, strict=True))
+    else:
+        res = _refit_all(model, np.asarray(Ystar), X, fit, size, opts)
+        fields = ("theta", "natural_params", "beta", "loglik", "converged", "n_iter")
+        theta, params, beta, loglik, converged, n_iter = (res[field] for field in fields)
     beta_names = fit.beta_names or tuple(f"beta{j}" for j in range(fit.X.shape[1]))
     values = dict(zip(fit.param_names, np.asarray(fit.natural_params).tolist(), strict=True))
     values.update(zip(beta_names, np.asarray(fit.beta).tolist(), strict=True))

@@ -423,6 +423,23 @@ def restart_theta(model, theta, Y, X):
     return theta
 
 
+def reflected_theta(model, theta, at_boundary):
+    """θ (T, k) with the entries below the diagonal negated in every log-Cholesky column whose diagonal is at its
+    bound, and which rows that changed. G = Σ_j c_j c_jᵀ does not change when a column with a zero diagonal changes
+    sign, but the first-order effect of raising that diagonal does: a correlation of the wrong sign at a zero
+    variance, which a log-scale step cannot cross, becomes one of the right sign."""
+    theta = np.array(theta, copy=True)
+    at_boundary = np.asarray(at_boundary)
+    changed = np.zeros(theta.shape[0], bool)
+    for start, m in model.cholesky_blocks:
+        for j in range(m - 1):
+            below = [start + i * (i + 1) // 2 + j for i in range(j + 1, m)]
+            flip = at_boundary[:, start + j * (j + 1) // 2 + j] & np.any(theta[:, below] != 0, axis=1)
+            theta[:, below] = np.where(flip[:, None], -theta[:, below], theta[:, below])
+            changed |= flip
+    return theta, changed
+
+
 def keep_restart(loglik, status, other_loglik, other_status):
     """Whether the restarted fit is kept: it converged, and to a higher ℓ, or to the same ℓ (within rounding) where
     the first fit had not converged."""
@@ -457,22 +474,28 @@ def refine_batch(run, results: dict, model, algorithm_name: str, Y, X, *, newton
             first_iter = results["n_iter"][index].copy()
             newton = run(index, results["theta"][index], "newton")
             merge(index, newton, keep_newton(results["loglik"][index], newton["loglik"]), first_iter)
+
+    def restart(index, theta0):
+        other = run(index, theta0, algorithm_name)
+        if newton_fallback and algorithm_name in NEWTON_FALLBACK:
+            stalled = np.flatnonzero(np.asarray(other["status"]) == STALLED)
+            if stalled.size:
+                other = {key: np.array(value, copy=True) for key, value in other.items()}
+                newton = run(index[stalled], np.asarray(other["theta"])[stalled], "newton")
+                keep = keep_newton(other["loglik"][stalled], newton["loglik"])
+                for key, value in newton.items():
+                    if key in other:
+                        other[key][stalled[keep]] = np.asarray(value)[keep]
+        keep = keep_restart(results["loglik"][index], results["status"][index], other["loglik"], other["status"])
+        merge(index, other, keep)
+
     if restart_edge:
         index = np.flatnonzero(needs_restart(model, algorithm_name, results["status"], results["at_boundary"]))
         if index.size:
-            theta0 = restart_theta(model, results["theta"][index], np.asarray(Y)[index], X)
-            other = run(index, theta0, algorithm_name)
-            if newton_fallback and algorithm_name in NEWTON_FALLBACK:
-                stalled = np.flatnonzero(np.asarray(other["status"]) == STALLED)
-                if stalled.size:
-                    other = {key: np.array(value, copy=True) for key, value in other.items()}
-                    newton = run(index[stalled], np.asarray(other["theta"])[stalled], "newton")
-                    keep = keep_newton(other["loglik"][stalled], newton["loglik"])
-                    for key, value in newton.items():
-                        if key in other:
-                            other[key][stalled[keep]] = np.asarray(value)[keep]
-            keep = keep_restart(results["loglik"][index], results["status"][index], other["loglik"], other["status"])
-            merge(index, other, keep)
+            restart(index, restart_theta(model, results["theta"][index], np.asarray(Y)[index], X))
+            reflected, changed = reflected_theta(model, results["theta"][index], results["at_boundary"][index])
+            if changed.any():
+                restart(index[changed], reflected[changed])
     return results
 
 
@@ -541,7 +564,8 @@ def estimate(
             calls with concrete arrays: under ``jit``/``vmap`` the first fit is returned as it is.
         restart_edge: for models with a log-Cholesky G (``UnstructuredMatrix``), when the fit ends with a zero
             diagonal of L (a singular G) or without converging, fit again from θ̂ with every such G reset to
-            0.1·σ²_OLS·I and keep the better fit (lme4's ``restart_edge``). At a singular G the log-Cholesky
+            0.1·σ²_OLS·I, then from the best fit so far with the columns of L at a zero diagonal negated
+            (``reflected_theta``), and keep the best fit (lme4's ``restart_edge``). At a singular G the log-Cholesky
             parametrization has stationary points that are not optima (a correlation of the wrong sign that can
             change sign only through a zero variance; L = 0), where a gradient-based fit can stop. Concrete
             calls only, as ``newton_fallback``.
@@ -670,21 +694,22 @@ def estimate(
             result = dataclasses.replace(newton, n_iter=newton.n_iter + result.n_iter, algorithm=f"{algo.name}+newton")
             status = int(result.status)
     if concrete and restart_edge and needs_restart(model, algo.name, result.status, result.at_boundary):
-        theta_restart = restart_theta(model, result.theta, y[None], X)[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            other = estimate(
-                model,
-                y,
-                X,
-                theta_restart,
-                algorithm=algorithm,
-                newton_fallback=newton_fallback,
-                restart_edge=False,
-                **options,
-            )
-        if keep_restart(result.loglik, result.status, other.loglik, other.status):
-            result, status = other, int(other.status)
+        for kind in ("reset", "reflect"):
+            if kind == "reset":
+                start = restart_theta(model, result.theta, y[None], X)[0]
+            else:
+                reflected, changed = reflected_theta(model, np.asarray(result.theta)[None], result.at_boundary[None])
+                if not changed[0]:
+                    continue
+                start = reflected[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                other = estimate(
+                    model, y, X, start.astype(y.dtype), algorithm=algorithm, newton_fallback=newton_fallback,
+                    restart_edge=False, **options,
+                )  # fmt: skip
+            if keep_restart(result.loglik, result.status, other.loglik, other.status):
+                result, status = other, int(other.status)
     if status == MAX_ITER:
         warnings.warn(f"jreml.estimate: {STATUS_MESSAGES[MAX_ITER]} ({max_iter})", stacklevel=2)
     return result

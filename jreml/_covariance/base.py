@@ -80,8 +80,8 @@ class AbstractCovariance(eqx.Module):
     @property
     def cholesky_blocks(self) -> tuple[tuple[int, int], ...]:
         """The log-Cholesky blocks in θ (``LogCholesky``): (position of the block's first entry, size m) for each
-        m×m covariance G = L Lᵀ. The fitting loop and ``estimate`` treat their boundary specially (a zero diagonal
-        of L). Empty for other modules."""
+        m×m covariance G = L Lᵀ. ``estimate`` starts a fit again when it ends with a zero diagonal of L
+        (``restart_edge``). Empty for other modules."""
         return ()
 
     def random_terms(self, offset: int = 0) -> tuple[RandomTerm, ...]:

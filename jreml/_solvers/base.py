@@ -26,20 +26,20 @@ def solve_information(info, rhs, *, absolute: bool = False, damping=0.0) -> Floa
     and the bounds then control, instead of a NaN. ``absolute=True`` uses |λ| (for an indefinite observed
     information: a Newton step that always ascends).
     """
+    return solve_family(info, rhs, absolute=absolute)(damping)
+
+
+def solve_family(info, rhs, *, absolute: bool = False):
+    """λ ↦ (info + λ·diag|info|)⁻¹·rhs (``solve_information``) from one eigendecomposition: the steps of every
+    damping λ for the cost of a k×k product each."""
     diag = jnp.abs(jnp.diagonal(info))
     scale = jnp.where(diag > 0, jnp.sqrt(diag), 1.0)
-    info = info / scale[:, None] / scale[None, :]
-    rhs = rhs / scale
-    return _eig_solve(info, rhs, absolute, damping) / scale
-
-
-def _eig_solve(info, rhs, absolute, damping):
-    eigvals, eigvecs = jnp.linalg.eigh(info)
+    eigvals, eigvecs = jnp.linalg.eigh(info / scale[:, None] / scale[None, :])
     eigvals = jnp.abs(eigvals) if absolute else eigvals
     top = jnp.max(jnp.abs(eigvals))
-    floor = 1e-10 * top + jnp.finfo(info.dtype).tiny
-    eigvals = jnp.maximum(eigvals, floor) + damping
-    return eigvecs @ ((eigvecs.T @ rhs) / eigvals)
+    eigvals = jnp.maximum(eigvals, 1e-10 * top + jnp.finfo(info.dtype).tiny)
+    coefficients = eigvecs.T @ (rhs / scale)
+    return lambda damping: (eigvecs @ (coefficients / (eigvals + damping))) / scale
 
 
 def projected_solve(info, score, free, *, absolute: bool = False, damping=0.0):
@@ -49,11 +49,15 @@ def projected_solve(info, score, free, *, absolute: bool = False, damping=0.0):
     λ = 0 the (projected) Newton step; as λ grows the step shortens towards score_i/(λ·info_ii), each parameter
     in its own units, and it stays an ascent direction for every λ.
     """
+    return projected_family(info, score, free, absolute=absolute)(damping)
+
+
+def projected_family(info, score, free, *, absolute: bool = False):
+    """λ ↦ ``projected_solve(info, score, free, damping=λ)`` from one eigendecomposition."""
     both = free[:, None] & free[None, :]
     eye = jnp.eye(info.shape[0], dtype=info.dtype)
-    info_free = jnp.where(both, info, eye)
-    rhs = jnp.where(free, score, 0.0)
-    return jnp.where(free, solve_information(info_free, rhs, absolute=absolute, damping=damping), 0.0)
+    family = solve_family(jnp.where(both, info, eye), jnp.where(free, score, 0.0), absolute=absolute)
+    return lambda damping: jnp.where(free, family(damping), 0.0)
 
 
 class AbstractAlgorithm(eqx.Module):
@@ -65,9 +69,16 @@ class AbstractAlgorithm(eqx.Module):
     #: the average and the expected information, not for the observed one.
     secant: ClassVar[bool] = False
 
+    #: Whether the step rule makes an indefinite information definite with |λ| (Newton on the observed one).
+    absolute: ClassVar[bool] = False
+
+    def directions(self, theta, score, info, free):
+        """λ ↦ (info + λ·diag info)⁻¹·score over the free parameters: Levenberg–Marquardt's steps
+        (``projected_solve``), λ = 0 the algorithm's own."""
+        return projected_family(info, score, free, absolute=self.absolute)
+
     def direction(self, theta, score, info, free, damping=0.0):
-        """info⁻¹·score over the free parameters; ``damping``: Levenberg–Marquardt's λ (``projected_solve``)."""
-        return projected_solve(info, score, free, damping=damping)
+        return self.directions(theta, score, info, free)(damping)
 
 
 def em_direction(theta, score, free, plan) -> Float[Array, " k"]:

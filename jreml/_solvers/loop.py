@@ -20,7 +20,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from .._backends.mme import mme_evaluate
-from .._covariance.base import AbstractCovariance
 from .._likelihood import core, derivatives_at
 from .base import AbstractAlgorithm, em_direction, free_mask, projected_solve
 
@@ -182,47 +181,6 @@ def _secant_update(secant, use_secant, step, ev, new_ev, clean):
     return new_secant, new_use
 
 
-def _columns(blocks) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """(position of the log-diagonal, positions of the entries below it) of every column of the log-Cholesky
-    blocks that has entries below its diagonal (θ in ``LogCholesky``'s row-major lower order)."""
-    position = lambda start, i, j: start + i * (i + 1) // 2 + j  # noqa: E731
-    return tuple(
-        (position(start, j, j), tuple(position(start, i, j) for i in range(j + 1, m)))
-        for start, m in blocks
-        for j in range(m - 1)
-    )
-
-
-def _reflect(reflections, theta, ev: Evaluation, status, snap, accept_tol, evaluate_at):
-    """Where the fit is about to stop with a log-Cholesky column trapped at the boundary, the same fit with that
-    column's other entries negated, when that lets the column's diagonal grow: (θ, evaluation, status, flipped).
-
-    Trapped: the column's log-diagonal below the singular threshold, its score holding it there (≤ 0) and the
-    entries below it not all 0. G = Σ_j c_j c_jᵀ does not change when the entries of a column c_j with a zero
-    diagonal change sign, but the diagonal's score does (to first order it changes sign): a covariance matrix on
-    the boundary of the positive semidefinite cone whose correlation has the wrong sign can only reach the other
-    sign through a zero variance, which a log-scale step cannot cross (a singular fit stuck below lme4's optimum).
-    The flip is taken when ℓ does not decrease and a trapped diagonal's score becomes positive; the loop goes on.
-    """
-    signs = jnp.ones_like(theta)
-    trapped_any = jnp.zeros((), bool)
-    diagonals = []
-    for diagonal, below in reflections:
-        below = jnp.asarray(below)
-        trapped = (theta[diagonal] <= snap[diagonal]) & (ev.score[diagonal] <= 0) & jnp.any(theta[below] != 0)
-        signs = signs.at[below].set(jnp.where(trapped, -1.0, 1.0))
-        trapped_any = trapped_any | trapped
-        diagonals.append((diagonal, trapped))
-    stopping = (status == CONVERGED) | (status == STALLED)
-    candidate = theta * signs
-    want = stopping & trapped_any
-    cand_ev = jax.lax.cond(want, evaluate_at, lambda _: ev, candidate)
-    grows = jnp.any(jnp.stack([trapped & (cand_ev.score[d] > 0) for d, trapped in diagonals]))
-    take = want & cand_ev.ok & (cand_ev.loglik >= ev.loglik - accept_tol) & grows
-    new_ev = jax.tree.map(lambda a, b: jnp.where(take, a, b), cand_ev, ev)
-    return jnp.where(take, candidate, theta), new_ev, jnp.where(take, RUNNING, status), take
-
-
 def run(
     model,
     y,
@@ -258,7 +216,6 @@ def run(
     dtype = theta0.dtype
     tol_score, tol_delta, tol_loglik = tolerances[0], tolerances[1], tolerances[2]
     use_em_fallback = em_plan is not None and algorithm.name != "em"
-    reflections = _columns(model.cholesky_blocks) if isinstance(model, AbstractCovariance) else ()
     last_try = max_halvings + (1 if use_em_fallback else 0)
 
     theta0 = jnp.clip(theta0, lb, ub)
@@ -280,7 +237,7 @@ def run(
             direction, hold, arc = em_direction(theta, ev.score, free, em_plan), no, no
             capped = log_scale
         else:
-            solve = lambda mask, damping=0.0: algorithm.direction(theta, ev.score, information, mask, damping)  # noqa: E731
+            solve = lambda mask: algorithm.directions(theta, ev.score, information, mask)(0.0)  # noqa: E731
             # A log-variance whose step ends below the singular threshold ``snap``: its information vanishes
             # with the variance, so its step is huge, and left as it is (in the trust region below) it shrinks
             # every other parameter's step to nothing: a fit stuck for max_iter iterations at, or next to, a
@@ -311,16 +268,18 @@ def run(
             # others, or the combined step need not ascend.
             longest = lambda d: jnp.max(jnp.where(capped, jnp.abs(d), 0.0), initial=0.0)  # noqa: E731
 
+            damped = algorithm.directions(theta, ev.score, information, rest)
+
             def bisect(_, interval):
                 lo, hi = interval
                 mid = jnp.sqrt(lo * hi)
-                too_long = longest(solve(rest, mid)) > MAX_LOG_STEP
+                too_long = longest(damped(mid)) > MAX_LOG_STEP
                 return jnp.where(too_long, mid, lo), jnp.where(too_long, hi, mid)
 
             needs_damping = longest(direction) > MAX_LOG_STEP
             interval = (jnp.asarray(DAMPING_RANGE[0], dtype), jnp.asarray(DAMPING_RANGE[1], dtype))
             damping = jnp.where(needs_damping, jax.lax.fori_loop(0, DAMPING_BISECTIONS, bisect, interval)[1], 0.0)
-            direction = jnp.where(hold, direction, solve(rest, damping))
+            direction = jnp.where(hold, direction, damped(damping))
         # What the damping left too long (or EM's step) is shrunk as a whole: still an ascent direction.
         longest_capped = jnp.max(jnp.where(capped, jnp.abs(direction), 0.0), initial=0.0)
         shrink = jnp.minimum(1.0, MAX_LOG_STEP / jnp.maximum(longest_capped, MAX_LOG_STEP))
@@ -397,14 +356,6 @@ def run(
             CONVERGED,
             jnp.where(~progress, STALLED, jnp.where(i >= max_iter, MAX_ITER, RUNNING)),
         )
-        if reflections:
-            evaluate_at = lambda t: evaluate(t, y, X, model, **ev_kwargs)  # noqa: E731
-            new_theta, new_ev, status, flipped = _reflect(
-                reflections, new_theta, new_ev, status, snap, accept_tol, evaluate_at
-            )
-            if algorithm.secant:  # S belongs to the old signs
-                secant = jnp.where(flipped, 0.0, secant)
-                use_secant = use_secant & ~flipped
         history = history.record(i, new_theta, new_ev, step, jnp.where(accepted, length, 0.0))
         if verbose:
             jax.debug.callback(

@@ -2,7 +2,7 @@
 
 from typing import ClassVar
 
-from .base import AbstractAlgorithm, projected_solve
+from .base import AbstractAlgorithm
 
 
 class Newton(AbstractAlgorithm):
@@ -11,5 +11,4 @@ class Newton(AbstractAlgorithm):
     information: ClassVar[str] = "observed"
     name: ClassVar[str] = "newton"
 
-    def direction(self, theta, score, info, free, damping=0.0):
-        return projected_solve(info, score, free, absolute=True, damping=damping)
+    absolute: ClassVar[bool] = True
