@@ -316,3 +316,22 @@ def test_second_tries_are_counted_and_can_be_switched_off(singular_sleepstudy):
         first = jreml.fit("y50 ~ Days + (Days | Subject)", data, newton_fallback=False, restart_edge=False)
     assert float(first.loglik) < lme4["y50"]["loglik"] - 0.01 < float(fit.loglik)
     assert fit.algorithm in ("ai", "ai+newton")
+
+
+@pytest.mark.slow
+def test_singular_three_by_three_covariances_reach_lme4(reference):
+    # Random intercept and two slopes, G 3×3 of rank 0–3: before the second tries and the loop's changes, 37 of
+    # these 60 fits did not converge and 29 ended below lme4, by up to 21.5.
+    data = pd.read_csv(REFERENCE_DIR / "singular_slopes3.csv")
+    lme4 = reference("singular_slopes3")["fits"]
+    gaps, unconverged = {}, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, ref in lme4.items():
+            fit = jreml.fit(f"{name} ~ x1 + x2 + (x1 + x2 | g)", data)
+            gaps[name] = float(fit.loglik) - ref["loglik"]
+            if not bool(fit.converged):
+                unconverged.append(name)
+    assert not unconverged, unconverged
+    below = {name: gap for name, gap in gaps.items() if gap < -1e-6}
+    assert not below, below

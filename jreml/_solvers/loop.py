@@ -1,11 +1,14 @@
 """The fitting loop: one ``lax.while_loop`` with step-halving, bounds, an EM fallback and a fixed-size history.
 
-Every iteration (i) computes a direction d from the score and the algorithm's information matrix, with
-parameters held at an active bound removed (a log-variance whose step ends below ``snap`` is held at its bound
-for the other parameters' step, or moved along a variance-scale arc, see ``body``); (ii) tries θ + η·2⁻ʲ·d,
+Every iteration (i) computes a direction d from the score and the algorithm's information matrix (for AI and
+Fisher scoring plus a secant estimate of the curvature they leave out, ``_secant_update``), with parameters held
+at an active bound removed (a log-variance whose step ends below ``snap`` is held at its bound for the other
+parameters' step, or moved along a variance-scale arc, see ``body``) and Levenberg–Marquardt damping where a
+log-variance would move by more than ``MAX_LOG_STEP``; (ii) tries θ + η·2⁻ʲ·d,
 j = 0, 1, …, ``max_halvings``−1, clipped to [lb, ub], accepting the first candidate whose V is positive definite
 and whose log-likelihood does not decrease; (iii) if none is accepted and the model is a variance-component
-model, tries one EM-REML step (always an ascent step); (iv) tests convergence. A variance stepping below ``snap``
+model, tries one EM-REML step (always an ascent step); (iv) tests convergence, and stops a loop that no longer
+makes progress (``IDLE_LIMIT``). A variance stepping below ``snap``
 (the singular threshold) is moved to its lower bound at once. Everything is traced once; under ``jax.vmap`` the loop
 runs until every batch member is done.
 """
