@@ -483,9 +483,11 @@ def refine_batch(run, results: dict, model, algorithm_name: str, Y, X, *, newton
                 other = {key: np.array(value, copy=True) for key, value in other.items()}
                 newton = run(index[stalled], np.asarray(other["theta"])[stalled], "newton")
                 keep = keep_newton(other["loglik"][stalled], newton["loglik"])
+                first_iter = other["n_iter"][stalled[keep]].copy()
                 for key, value in newton.items():
                     if key in other:
                         other[key][stalled[keep]] = np.asarray(value)[keep]
+                other["n_iter"][stalled[keep]] += first_iter
         keep = keep_restart(results["loglik"][index], results["status"][index], other["loglik"], other["status"])
         merge(index, other, keep)
 
@@ -559,9 +561,9 @@ def estimate(
             convergence tests fail), go on with Newton–Raphson on the observed information from where it stopped,
             for up to ``max_iter`` more iterations (one compiled program per shape, whatever the first fit took),
             and keep that fit when its ℓ is not lower (it then reports ``algorithm="ai+newton"`` and the
-            iterations of both). Their information leaves out the
-            curvature of a nonlinear parametrization, which a singular fit with a log-Cholesky G needs. Only in
-            calls with concrete arrays: under ``jit``/``vmap`` the first fit is returned as it is.
+            iterations of both). Their information leaves out the curvature of a nonlinear parametrization, which
+            a singular fit with a log-Cholesky G needs. Only in calls with concrete arrays: under ``jit``/``vmap``
+            the first fit is returned as it is.
         restart_edge: for models with a log-Cholesky G (``UnstructuredMatrix``), when the fit ends with a zero
             diagonal of L (a singular G) or without converging, fit again from θ̂ with every such G reset to
             0.1·σ²_OLS·I, then from the best fit so far with the columns of L at a zero diagonal negated
