@@ -460,36 +460,31 @@ def refine_batch(run, results: dict, model, algorithm_name: str, Y, X, *, newton
     each response's fit is the one ``estimate`` would keep on its own."""
     results = {key: np.array(value, copy=True) for key, value in results.items()}
 
-    def merge(index, other, keep, n_iter_from=None):
-        take = index[keep]
-        for key, value in other.items():
-            if key in results:
-                results[key][take] = np.asarray(value)[keep]
-        if n_iter_from is not None:
-            results["n_iter"][take] += n_iter_from[keep]
+    def continue_with_newton(fits: dict, index):
+        """Newton continuations of the stalled fits in ``fits`` (those of responses ``index``), merged in place where
+        kept, their iterations added to the first fit's (as ``estimate`` does)."""
+        if not (newton_fallback and algorithm_name in NEWTON_FALLBACK):
+            return
+        stalled = np.flatnonzero(np.asarray(fits["status"]) == STALLED)
+        if not stalled.size:
+            return
+        newton = run(index[stalled], fits["theta"][stalled], "newton")
+        keep = keep_newton(fits["loglik"][stalled], newton["loglik"])
+        first_iter = fits["n_iter"][stalled[keep]].copy()
+        for key, value in newton.items():
+            if key in fits:
+                fits[key][stalled[keep]] = np.asarray(value)[keep]
+        fits["n_iter"][stalled[keep]] += first_iter
 
-    if newton_fallback and algorithm_name in NEWTON_FALLBACK:
-        index = np.flatnonzero(results["status"] == STALLED)
-        if index.size:
-            first_iter = results["n_iter"][index].copy()
-            newton = run(index, results["theta"][index], "newton")
-            merge(index, newton, keep_newton(results["loglik"][index], newton["loglik"]), first_iter)
+    continue_with_newton(results, np.arange(len(results["status"])))
 
     def restart(index, theta0):
-        other = run(index, theta0, algorithm_name)
-        if newton_fallback and algorithm_name in NEWTON_FALLBACK:
-            stalled = np.flatnonzero(np.asarray(other["status"]) == STALLED)
-            if stalled.size:
-                other = {key: np.array(value, copy=True) for key, value in other.items()}
-                newton = run(index[stalled], np.asarray(other["theta"])[stalled], "newton")
-                keep = keep_newton(other["loglik"][stalled], newton["loglik"])
-                first_iter = other["n_iter"][stalled[keep]].copy()
-                for key, value in newton.items():
-                    if key in other:
-                        other[key][stalled[keep]] = np.asarray(value)[keep]
-                other["n_iter"][stalled[keep]] += first_iter
+        other = {key: np.array(value, copy=True) for key, value in run(index, theta0, algorithm_name).items()}
+        continue_with_newton(other, index)
         keep = keep_restart(results["loglik"][index], results["status"][index], other["loglik"], other["status"])
-        merge(index, other, keep)
+        for key, value in other.items():
+            if key in results:
+                results[key][index[keep]] = value[keep]
 
     if restart_edge:
         index = np.flatnonzero(needs_restart(model, algorithm_name, results["status"], results["at_boundary"]))

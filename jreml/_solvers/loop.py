@@ -255,7 +255,8 @@ def run(
             crossing = log_scale & free & ~hold & (direction < 0) & (theta + direction < snap)
             hold = hold | (crossing & (ev.score <= 0))
             rest = free & ~hold
-            direction = jnp.where(hold, direction, solve(rest))
+            damped = algorithm.directions(theta, ev.score, information, rest)  # λ ↦ step, one eigendecomposition
+            direction = jnp.where(hold, direction, damped(0.0))
             # Arc: one whose score pushes it up (the step comes from its coupling to the others) moves in the
             # variance scale, e^{pθ}·(1 + p·η·d), projected onto its bound where that is not positive: tangent to
             # the step (an ascent for a short enough η), outside the trust region. Only where step-halving
@@ -270,8 +271,6 @@ def run(
             # beside a random-effect variance on its way to 0), and the arc's steps must be damped with the
             # others, or the combined step need not ascend.
             longest = lambda d: jnp.max(jnp.where(capped, jnp.abs(d), 0.0), initial=0.0)  # noqa: E731
-
-            damped = algorithm.directions(theta, ev.score, information, rest)
 
             def bisect(_, interval):
                 lo, hi = interval
