@@ -14,6 +14,7 @@ import pandas as pd
 from ._backends.mme import mme_structure
 from ._covariance.basic import FixedMatrix, KnownDiagonalMatrix, ScalarMatrix
 from ._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, Sum
+from ._covariance.observed import ObservedRows
 from ._design.build import build_design
 from ._estimate import _mme_q, estimate, refine_batch
 from ._sharding import pad_batch, padded_size, shard_batch
@@ -323,6 +324,10 @@ class _Group(NamedTuple):
     rotation: KernelRotation | None = None
     spectral_design: SpectralDesign | None = None
     rotated: np.ndarray | None = None  # (T_g, n_g): Uᵀy of each response
+    # (T_g, n_g): each response's observed rows, when the group's responses have several missingness patterns and
+    # share one design of n_g rows (``_shared_design_group``); None when all are observed on all n_g rows.
+    observed: np.ndarray | None = None
+    patterns: int = 1
 
     @property
     def chunks(self):
@@ -332,7 +337,8 @@ class _Group(NamedTuple):
         how = "spectral" if self.spectral else ("mixed-model equations" if _mme_q(self.model) else "dense")
         if self.rotation is not None:
             how += " (in the kernel's eigenbasis)"
-        return f"{len(self.cols)} responses, n = {len(self.rows)}, {how} path, chunks of {self.size}"
+        shared = "" if self.observed is None else f" of {self.patterns} missingness patterns fitted together"
+        return f"{len(self.cols)} responses{shared}, n = {len(self.rows)}, {how} path, chunks of {self.size}"
 
     def run(self, Y, method: str, fit_kwargs: dict):
         """Fit the group chunk by chunk: yields (response indices, results, n_obs) per chunk."""
@@ -340,6 +346,8 @@ class _Group(NamedTuple):
             Yg, X = self.rotated, None
         else:
             Yg, X = Y[np.ix_(self.rows, self.cols)].T, self.design.X  # (T_g, n_g)
+            if self.observed is not None:
+                Yg = np.where(self.observed, Yg, 0.0)  # the unobserved rows' NaN: placeholders of ObservedRows
         if self.rotation is not None:
             Yg, X = self.rotation.apply(Yg, X)
         padded = padded_size(self.size)
@@ -350,22 +358,71 @@ class _Group(NamedTuple):
                 res = fit_rotated(self.spectral_design, block, method=method, place=shard_batch, **fit_kwargs)
                 yield np.asarray(self.cols[start:stop]), _fields(res, m), len(self.rows)
                 continue
+            masks = None if self.observed is None else pad_batch(self.observed[start:stop], padded)
             options = tuple(sorted(fit_kwargs.items()))
-            fields = _fields(_dense_batch(self.model, shard_batch(block), X, method, options, None), m)
+            fields = _fields(_dense_batch(self.model, shard_batch(block), X, method, options, None, _placed(masks)), m)
 
-            def rerun(index, theta0, algorithm, block=block):
+            def rerun(index, theta0, algorithm, block=block, masks=masks):
                 """``estimate``'s second tries for some of the chunk's responses, padded to the chunk's shape."""
                 options = tuple(sorted({**fit_kwargs, "algorithm": algorithm}.items()))
                 Y_sub, theta_sub = pad_batch(block[index], padded), pad_batch(theta0, padded)
-                res = _dense_batch(self.model, shard_batch(Y_sub), X, method, options, shard_batch(theta_sub))
+                masks_sub = None if masks is None else pad_batch(masks[index], padded)
+                res = _dense_batch(
+                    self.model, shard_batch(Y_sub), X, method, options, shard_batch(theta_sub), _placed(masks_sub)
+                )
                 return _fields(res, len(index))
 
             fields = refine_batch(
                 rerun, fields, self.model, _algorithm_name(fit_kwargs), block[:m], X,
+                observed=None if masks is None else masks[:m],
                 newton_fallback=fit_kwargs.get("newton_fallback", True),
                 restart_edge=fit_kwargs.get("restart_edge", True),
             )  # fmt: skip
-            yield np.asarray(self.cols[start:stop]), fields, len(self.rows)
+            n_obs = len(self.rows) if self.observed is None else self.observed[start:stop].sum(axis=1)
+            yield np.asarray(self.cols[start:stop]), fields, n_obs
+
+
+def _shared_design_group(rhs, data, relmat, ok, patterns: list[list[int]], spectral, fit_kwargs, chunk_size):
+    """(design, group, responses left) for the responses of several missingness patterns (``patterns``: the
+    response columns of each) that can share one design: built on every row that some response observes, each
+    response fitted on its own rows through ``ObservedRows`` (the same likelihood as a design of those rows alone),
+    so that all of them run in one compiled program instead of one per number of complete rows. ``left`` holds
+    the first response of each pattern whose rows leave X rank deficient (or n ≤ p): those keep designs of their
+    own (a dropped level changes the fixed effects). None when the batch has one pattern, or the shared model
+    takes the spectral path or a kernel's eigenbasis (rotations that depend on the rows)."""
+    if len(patterns) < 2:
+        return None
+    any_row = ok[:, [cols[0] for cols in patterns]].any(axis=1)
+    row_index = np.where(any_row, np.arange(len(data), dtype=float), np.nan)
+    try:
+        design = build_design(f"{_ROW} ~ {rhs}", data.assign(**{_ROW: row_index}), relmat)
+    except Exception:  # the patterns' own designs report what is wrong
+        return None
+    form = spectral_form(design.model)
+    if takes_spectral_path(form, fit_kwargs) if spectral is None else spectral:
+        return None
+    model, rotation = batch_form(design.model, False)
+    if rotation is not None:
+        return None
+    rows = design.y.astype(int)
+    X = np.asarray(design.X, dtype=float)
+    p = X.shape[1]
+    members, left, masks = [], set(), []
+    for cols in patterns:
+        observed = ok[rows, cols[0]]
+        n_obs = int(observed.sum())
+        if n_obs <= p or np.linalg.matrix_rank(X[observed]) < p:
+            left.add(cols[0])
+            continue
+        members += cols
+        masks.append(np.broadcast_to(observed, (len(cols), len(rows))))
+    if not members:
+        return None
+    per_response = bytes_per_response(model, p, False)
+    size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(members))
+    count = len(masks)
+    group = _Group(members, rows, size, False, design, model, observed=np.concatenate(masks), patterns=count)
+    return design, group, left
 
 
 class _PaddedGroups(NamedTuple):
@@ -443,13 +500,22 @@ def _algorithm_name(fit_kwargs: dict) -> str:
     return algorithm if isinstance(algorithm, str) else algorithm.name
 
 
+def _placed(masks):
+    return None if masks is None else shard_batch(masks)
+
+
 @eqx.filter_jit
-def _dense_batch(model, Yc, X, reml_method, options, theta0):
-    """Vmapped ``estimate`` over the responses Yc (B, n), from θ₀ (B, k) or, with None, the default start."""
-    if theta0 is None:
-        return jax.vmap(lambda y: estimate(model, y, X, method=reml_method, throw=False, **dict(options)))(Yc)
-    fit = lambda y, t: estimate(model, y, X, t, method=reml_method, throw=False, **dict(options))  # noqa: E731
-    return jax.vmap(fit)(Yc, theta0)
+def _dense_batch(model, Yc, X, reml_method, options, theta0, observed=None):
+    """Vmapped ``estimate`` over the responses Yc (B, n), from θ₀ (B, k) or, with None, the default start; with
+    ``observed`` (B, n), each response is fitted on its own rows (``ObservedRows``)."""
+
+    def fit(y, t, rows):
+        on_rows = model if rows is None else ObservedRows(model, rows)
+        return estimate(on_rows, y, X, t, method=reml_method, throw=False, **dict(options))
+
+    return jax.vmap(fit, in_axes=(0, None if theta0 is None else 0, None if observed is None else 0))(
+        Yc, theta0, observed
+    )
 
 
 def fit_batch(
@@ -487,10 +553,14 @@ def fit_batch(
     O(n·q² + q³) per iteration); otherwise the dense O(n³) path. All give the same fits as separate ``jreml.fit``
     calls.
 
-    Responses with missing values are grouped by missingness pattern; each group is fitted on its own complete
-    rows (``n_obs`` says how many), with its own eigendecomposition where its path needs one. On the spectral path
-    all patterns share one compiled program (their rotated data padded to one length, ``fit_padded``); on the
-    others each number of complete rows compiles its own. The batch axis is spread over all ``jax.devices()``.
+    Responses with missing values are fitted on their own complete rows (``n_obs`` says how many). On the spectral
+    path each missingness pattern gets its own eigendecomposition, and all patterns share one compiled program
+    (their rotated data padded to one length, ``fit_padded``). On the mixed-model-equations and dense paths all
+    patterns share one design, built on every row some response observes, and one compiled program: each response
+    is fitted as ``ObservedRows(model, its rows)``, whose likelihood is that of its rows alone. A pattern whose rows
+    leave X rank deficient (a fixed factor's level unobserved) keeps a design of its own, as do the patterns of a
+    model fitted in a kernel's eigenbasis (the rotation depends on the rows). The batch axis is spread over all
+    ``jax.devices()``.
     """
     if not isinstance(data, pd.DataFrame):
         raise TypeError(f"data must be a pandas DataFrame, got {type(data).__name__}")
@@ -506,8 +576,19 @@ def fit_batch(
     for j in range(T):
         patterns.setdefault(np.packbits(ok[:, j]).tobytes(), []).append(j)
 
-    # One pass over the patterns: a spectral group is reduced to its rotated data at once (see ``_Group``).
+    # Several missingness patterns on the mixed-model-equations or dense path: one design on every row that some
+    # response observes, each response fitted on its own rows of it (``ObservedRows``), one compiled program.
     first, failures, errors, plan = None, [], {}, []
+    shared = _shared_design_group(rhs, data, relmat, ok, list(patterns.values()), spectral, fit_kwargs, chunk_size)
+    if shared is not None:
+        first, group, left = shared
+        if verbose:
+            memory = bytes_per_response(group.model, group.design.X.shape[1], False)
+            print(f"fit_batch: {group.describe()}, ≈ {memory / 2**20:.3g} MiB working memory per response")
+        plan.append(group)
+        patterns = {key: cols for key, cols in patterns.items() if cols[0] in left}
+
+    # One pass over the patterns: a spectral group is reduced to its rotated data at once (see ``_Group``).
     for cols in patterns.values():
         row_index = np.where(ok[:, cols[0]], np.arange(len(data), dtype=float), np.nan)
         try:

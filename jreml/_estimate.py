@@ -17,6 +17,7 @@ from ._backends.mme import mme_evaluate, mme_structure, prepare, static_block_di
 from ._config import as_float_array, float_dtype
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import CustomMatrix
+from ._covariance.observed import ObservedRows, observation_count, observed_data
 from ._implicit import fitted_core, implicit_theta_mme
 from ._likelihood import DERIVATIVES, check_method, derivatives_at
 from ._result import FitResult
@@ -55,7 +56,8 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _check_data(y, X, n_model: int):
+def _check_data(y, X, n_model: int, model=None):
+    """Shapes, finiteness and the rank of X, on the rows the model observes (all, or an ``ObservedRows`` mask's)."""
     if y.ndim != 1:
         raise ValueError(f"y must be a 1-D response vector, got shape {y.shape}")
     n = y.shape[0]
@@ -63,14 +65,21 @@ def _check_data(y, X, n_model: int):
         raise ValueError(f"X must be a 2-D design matrix with {n} rows (len(y)), got shape {X.shape}")
     if n_model != n:
         raise ValueError(f"the covariance model is {n_model}x{n_model} but y has {n} observations")
-    if X.shape[1] >= n:
-        raise ValueError(f"X has {X.shape[1]} columns for {n} observations: REML needs n > p")
+    observed = None
+    if isinstance(model, ObservedRows):
+        if _is_traced(model.observed):  # which rows count is known only inside the program
+            return
+        observed = np.asarray(model.observed)
+    n_obs = n if observed is None else int(observed.sum())
+    if X.shape[1] >= n_obs:
+        raise ValueError(f"X has {X.shape[1]} columns for {n_obs} observations: REML needs n > p")
     if not _is_traced(y):
-        bad = np.flatnonzero(~np.isfinite(np.asarray(y)))
+        bad = ~np.isfinite(np.asarray(y))
+        bad = np.flatnonzero(bad if observed is None else bad & observed)
         if bad.size:
             raise ValueError(f"y has non-finite values (NaN/inf) at rows {bad[:10].tolist()}")
     if not _is_traced(X):
-        Xn = np.asarray(X)
+        Xn = np.asarray(X) if observed is None else np.where(observed[:, None], np.asarray(X), 0.0)
         rows, cols = np.nonzero(~np.isfinite(Xn))
         if rows.size:
             where = list(zip(rows[:10].tolist(), cols[:10].tolist(), strict=True))
@@ -80,11 +89,12 @@ def _check_data(y, X, n_model: int):
             raise ValueError(f"X is rank deficient (rank {rank} < {Xn.shape[1]} columns); drop aliased columns first")
 
 
-def _ols_residual_variance(y, X):
+def _ols_residual_variance(y, X, model):
+    """Σr²/(n − p) of the OLS fit, over the rows the model observes (all but an ``ObservedRows`` model's others)."""
+    y, X = observed_data(model, y, X)
     beta, *_ = jnp.linalg.lstsq(X, y)
     resid = y - X @ beta
-    n, p = X.shape
-    s2 = resid @ resid / (n - p)
+    s2 = resid @ resid / (observation_count(model, X.shape[0]) - X.shape[1])
     return jnp.where(s2 > 0, s2, 1.0)
 
 
@@ -114,9 +124,10 @@ def _fit(
 ) -> FitResult:
     TRACE_COUNT[0] += 1
     dtype = y.dtype
+    y, X = observed_data(model, y, X)  # rows an ObservedRows model leaves out become 0
     # The loop runs on values only; derivatives of θ̂ come from the implicit function theorem below.
     model_values, y_values, X_values = _stop_gradient((model, y, X))
-    scale = _ols_residual_variance(y_values, X_values)
+    scale = _ols_residual_variance(y_values, X_values, model)
     scale_mask = jnp.asarray(model.scale_mask, dtype=bool)
     if theta0 is None:
         theta0 = model.default_theta(scale)
@@ -408,14 +419,21 @@ def needs_restart(model, algorithm_name: str, status, at_boundary):
     return (at_edge | (status != CONVERGED)) & (status != INVALID_START)
 
 
-def restart_theta(model, theta, Y, X):
+def restart_theta(model, theta, Y, X, observed=None):
     """θ with every log-Cholesky block of the model reset to G = 0.1·σ²_OLS·I (σ²_OLS of each response in Y
-    (T, n)): (T, k), in θ's dtype."""
+    (T, n), on its ``observed`` rows (T, n) where given): (T, k), in θ's dtype."""
     theta = np.array(theta, copy=True).reshape(len(Y), -1)
     Y, X = np.asarray(Y, dtype=float), np.asarray(X, dtype=float)
-    coef, *_ = np.linalg.lstsq(X, Y.T, rcond=None)
-    resid = Y.T - X @ coef
-    scale = np.sum(resid**2, axis=0) / (X.shape[0] - X.shape[1])
+    if observed is None:
+        coef, *_ = np.linalg.lstsq(X, Y.T, rcond=None)
+        resid = Y.T - X @ coef
+        scale = np.sum(resid**2, axis=0) / (X.shape[0] - X.shape[1])
+    else:
+        scale = np.empty(len(Y))
+        for t, rows in enumerate(np.asarray(observed, bool)):
+            coef, *_ = np.linalg.lstsq(X[rows], Y[t, rows], rcond=None)
+            resid = Y[t, rows] - X[rows] @ coef
+            scale[t] = resid @ resid / (rows.sum() - X.shape[1])
     log_sd = 0.5 * np.log(RESTART_VARIANCE * np.where(scale > 0, scale, 1.0))
     for start, m in model.cholesky_blocks:
         rows, cols = np.tril_indices(m)
@@ -453,11 +471,14 @@ def keep_restart(loglik, status, other_loglik, other_status):
 BATCH_FIELDS = ("theta", "natural_params", "beta", "loglik", "converged", "n_iter", "status", "at_boundary")
 
 
-def refine_batch(run, results: dict, model, algorithm_name: str, Y, X, *, newton_fallback=True, restart_edge=True):
+def refine_batch(
+    run, results: dict, model, algorithm_name: str, Y, X, *, observed=None, newton_fallback=True, restart_edge=True
+):
     """The second tries of ``estimate`` for a batch of fits of one model: ``results`` maps field names (at least
     ``BATCH_FIELDS``) to arrays with a leading response axis (T, ...); ``run(index, theta0, algorithm)`` refits the
-    responses ``index`` from ``theta0`` (len(index), k) and returns such a dict for them. Returns the merged dict:
-    each response's fit is the one ``estimate`` would keep on its own."""
+    responses ``index`` from ``theta0`` (len(index), k) and returns such a dict for them; ``observed`` (T, n) marks
+    each response's observed rows when the fits were of ``ObservedRows(model, ·)``. Returns the merged dict: each
+    response's fit is the one ``estimate`` would keep on its own."""
     results = {key: np.array(value, copy=True) for key, value in results.items()}
 
     def continue_with_newton(fits: dict, index):
@@ -489,7 +510,8 @@ def refine_batch(run, results: dict, model, algorithm_name: str, Y, X, *, newton
     if restart_edge:
         index = np.flatnonzero(needs_restart(model, algorithm_name, results["status"], results["at_boundary"]))
         if index.size:
-            restart(index, restart_theta(model, results["theta"][index], np.asarray(Y)[index], X))
+            rows = None if observed is None else np.asarray(observed)[index]
+            restart(index, restart_theta(model, results["theta"][index], np.asarray(Y)[index], X, rows))
             reflected, changed = reflected_theta(model, results["theta"][index], results["at_boundary"][index])
             if changed.any():
                 restart(index[changed], reflected[changed])
@@ -606,7 +628,9 @@ def estimate(
     shape, k, em_plan, mme_q = _model_info(model, split)
     if shape[0] != shape[1]:
         raise ValueError(f"the covariance model must be square, got shape {shape}")
-    _check_data(y, X, shape[0])
+    _check_data(y, X, shape[0], model)
+    if isinstance(model, ObservedRows) and derivatives == "analytic":
+        raise ValueError('derivatives="analytic" does not apply to ObservedRows: use derivatives="auto"')
     if theta0 is not None:
         theta0 = _as_input(theta0, "theta0")
         if theta0.shape != (k,):
@@ -693,7 +717,8 @@ def estimate(
     if concrete and restart_edge and needs_restart(model, algo.name, result.status, result.at_boundary):
         for kind in ("reset", "reflect"):
             if kind == "reset":
-                start = restart_theta(model, result.theta, y[None], X)[0]
+                observed = np.asarray(model.observed)[None] if isinstance(model, ObservedRows) else None
+                start = restart_theta(model, result.theta, y[None], X, observed)[0]
             else:
                 reflected, changed = reflected_theta(model, np.asarray(result.theta)[None], result.at_boundary[None])
                 if not changed[0]:

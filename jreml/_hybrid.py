@@ -106,10 +106,10 @@ def hybrid_estimate(
             raise ValueError("a plain function v_builder needs theta0 (its number of parameters is unknown)")
         v_builder = CustomMatrix(v_builder, int(np.shape(theta0)[0]), shape=(y.shape[0], y.shape[0]))
     model = v_builder
-    _check_data(y, X, model.shape[0])
+    _check_data(y, X, model.shape[0], model)
     k = model.num_free_params
     if theta0 is None:
-        theta0 = model.default_theta(_ols_residual_variance(jax.lax.stop_gradient(y), jax.lax.stop_gradient(X)))
+        theta0 = model.default_theta(_ols_residual_variance(jax.lax.stop_gradient(y), jax.lax.stop_gradient(X), model))
     theta0 = jax.lax.stop_gradient(as_float_array(theta0, "theta0").astype(y.dtype))
     if theta0.shape != (k,):
         raise ValueError(f"theta0 must have shape ({k},) for this model, got {theta0.shape}")

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve, solve_triangular
 from jaxtyping import Array, Bool, Float
 
+from ._covariance.observed import observation_count, observed_data
+
 DERIVATIVES = ("auto", "jacfwd", "jacrev", "analytic")
 METHODS = ("reml", "ml")
 
@@ -87,7 +89,8 @@ def _cholesky(matrix):
 
 def core(theta, y, X, v_builder, reml: bool = True) -> Core:
     """Factorise V(θ) and XᵀV⁻¹X once; GLS β̂, Py = V⁻¹(y − Xβ̂) and ℓ (−inf where V is not PD)."""
-    n, p = X.shape
+    y, X = observed_data(v_builder, y, X)
+    n = observation_count(v_builder, X.shape[0])
     V = v_builder(theta)
     V = 0.5 * (V + V.T)
     chol_v, ok_v = _cholesky(V)

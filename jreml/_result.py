@@ -17,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import DummyMatrix
+from ._covariance.observed import ObservedRows
 from ._likelihood import core, trace_weight
 from ._solvers.loop import STATUS_MESSAGES, History
 
@@ -222,6 +223,10 @@ class FitResult(eqx.Module):
 
     @property
     def nobs(self) -> int:
+        """Observations the fit used: y's rows, or the observed ones of an ``ObservedRows`` model."""
+        if isinstance(self.model, ObservedRows):
+            counts = np.sum(np.asarray(self.model.observed), axis=-1)
+            return int(counts) if counts.ndim == 0 else counts
         return self.y.shape[-1]
 
     @property

@@ -23,6 +23,7 @@ from ._covariance.compose import KroneckerProduct as KroneckerProduct
 from ._covariance.compose import Sum as Sum
 from ._covariance.kernels import KernelMatrix as KernelMatrix
 from ._covariance.neural import FeatureMapKernel as FeatureMapKernel
+from ._covariance.observed import ObservedRows as ObservedRows
 from ._covariance.transforms import BoundedSigmoid as BoundedSigmoid
 from ._covariance.transforms import Exp as Exp
 from ._covariance.transforms import LogCholesky as LogCholesky

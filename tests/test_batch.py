@@ -278,3 +278,68 @@ def test_singular_random_slope_traits_get_the_second_tries_of_single_fits():
         single = jreml.fit(f"{name} ~ Days + (Days | Subject)", data)
         np.testing.assert_allclose(batch.loglik[j], float(single.loglik), rtol=0, atol=1e-6)
         assert batch.loglik[j] > lme4[name]["loglik"] - 1e-6, name
+
+
+def test_missingness_patterns_share_one_program_on_the_mixed_model_equations(capsys):
+    """Responses with different missing rows (a whole subject among them) share one design and one compiled
+    program (``ObservedRows``), not one per number of complete rows; each fit is that of its own rows alone."""
+    from jreml._estimate import TRACE_COUNT
+
+    ex = jreml.example("sleepstudy")
+    rng = np.random.default_rng(11)
+    n, T = len(ex.data), 8
+    Y = np.asarray(ex.y)[:, None] + rng.normal(0.0, 20.0, (n, T))
+    for t in range(1, T):
+        Y[rng.choice(n, 2 * t, replace=False), t] = np.nan
+    Y[ex.data.Subject.to_numpy() == ex.data.Subject.iloc[0], 3] = np.nan  # no row of the first subject
+    data = ex.data.assign(**{f"r{t}": Y[:, t] for t in range(T)})
+    names = [f"r{t}" for t in range(T)]
+    before = TRACE_COUNT[0]
+    out = fit_batch("Reaction ~ Days + (Days | Subject)", data, names, verbose=1)
+    # the first fit, and at most the restart's (θ₀ given) and Newton's programs: not one per pattern
+    assert TRACE_COUNT[0] - before <= 3
+    assert f"{T} responses of {T} missingness patterns fitted together" in capsys.readouterr().out
+    assert out.converged.all() and not out.errors
+    for t, name in enumerate(names):
+        single = jreml.fit(f"{name} ~ Days + (Days | Subject)", data)
+        assert out.n_obs[t] == int(single.nobs) == np.isfinite(Y[:, t]).sum()
+        np.testing.assert_allclose(out.loglik[t], float(single.loglik), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(out.params[t], single.natural_params, rtol=1e-6)
+        np.testing.assert_allclose(out.beta[t], single.beta, rtol=1e-8)
+        np.testing.assert_allclose(out.se_beta[t], single.se_beta, rtol=1e-6)
+
+
+def test_missingness_patterns_share_one_program_on_the_dense_path(capsys):
+    """Two full-rank relationship matrices (the dense path): the same sharing through ObservedRows' masked V."""
+    data, Y, _, _, K_full = _two_kernel_data(n=40, T=4, seed=2)
+    for t in range(1, 4):
+        Y[np.arange(t) * 7, t] = np.nan
+    formula = "y ~ 1 + x + (1 | a) + (1 | b)"
+    relmat = {"a": K_full, "b": K_full**2}
+    out = fit_batch(formula, data, Y, relmat=relmat, verbose=1)
+    assert "4 responses of 4 missingness patterns fitted together, n = 40, dense path" in capsys.readouterr().out
+    for t in range(4):
+        single = jreml.fit(formula, data.assign(y=Y[:, t]), relmat=relmat)
+        assert out.n_obs[t] == int(single.nobs) == 40 - t and out.converged[t] == bool(single.converged)
+        np.testing.assert_allclose(out.loglik[t], float(single.loglik), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(out.params[t], single.natural_params, rtol=1e-5, atol=1e-9)
+
+
+def test_a_pattern_that_loses_a_fixed_effect_keeps_a_design_of_its_own():
+    """A response without any row of a fixed factor's level would make the shared X rank deficient: it keeps its
+    own design, whose fixed effects differ (reported in ``errors``, as before); the others are fitted together."""
+    ex = jreml.example("sleepstudy")
+    rng = np.random.default_rng(12)
+    n = len(ex.data)
+    data = ex.data.assign(half=np.where(ex.data.Days < 5, "early", "late"))
+    Y = np.asarray(ex.y)[:, None] + rng.normal(0.0, 20.0, (n, 3))
+    Y[:5, 1] = np.nan
+    Y[data.half.to_numpy() == "late", 2] = np.nan
+    formula = "y ~ half + (1 | Subject)"
+    out = fit_batch(formula, data, Y)
+    assert list(out.errors) == ["y2"] and "different model" in out.errors["y2"]
+    assert out.converged[:2].all() and np.isnan(out.loglik[2])
+    for t in range(2):
+        single = jreml.fit(formula, data.assign(y=Y[:, t]))
+        np.testing.assert_allclose(out.loglik[t], float(single.loglik), rtol=0, atol=1e-8)
+        np.testing.assert_allclose(out.params[t], single.natural_params, rtol=1e-6)

@@ -49,6 +49,7 @@ from jaxtyping import Array, Bool, Float
 
 from .._covariance.basic import DiagonalMatrix, IdentityMatrix, KnownDiagonalMatrix, ScalarMatrix, UnstructuredMatrix
 from .._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
+from .._covariance.observed import ObservedRows
 from .._likelihood import INFORMATION, Core, Derivatives, _cholesky, gaussian_loglik
 
 
@@ -75,6 +76,7 @@ class Structure(NamedTuple):
     residual: tuple[ResidualPart, ...]
     n: int
     q: int
+    observed: Bool[Array, " n"] | None = None  # the rows an ``ObservedRows`` model keeps (None: all)
 
     @property
     def heteroscedastic(self) -> bool:
@@ -91,7 +93,11 @@ def _factorable(G) -> bool:
 
 
 def mme_structure(model) -> Structure | None:
-    """The model's MME structure, or None when it is not Σ_j Z_j G_j Z_jᵀ + σ²I (+ Σ σ²_j·diag(d_j)) with fixed Z_j."""
+    """The model's MME structure, or None when it is not Σ_j Z_j G_j Z_jᵀ + σ²I (+ Σ σ²_j·diag(d_j)) with fixed Z_j
+    (or such a model on some of its rows, ``ObservedRows``: then Z's other rows count as zero)."""
+    if isinstance(model, ObservedRows):
+        inner = mme_structure(model.model)
+        return None if inner is None else inner._replace(observed=model.observed)
     if not isinstance(model, Sum):
         return None
     n = model.shape[0]
@@ -203,6 +209,10 @@ def prepare(structure: Structure, y, X, block_diagonal: bool | None = None) -> P
     dtype = y.dtype
     empty = jnp.zeros((0,), dtype)
     Z = jnp.concatenate([t.Z(empty).astype(dtype) for t in structure.terms], axis=1)
+    if structure.observed is not None:
+        Z = jnp.where(structure.observed[:, None], Z, 0.0).astype(dtype)
+        y = jnp.where(structure.observed, y, 0.0).astype(dtype)
+        X = jnp.where(structure.observed[:, None], X, 0.0).astype(dtype)
     xtx = X.T @ X
     chol_xtx, _ = _cholesky(0.5 * (xtx + xtx.T))
     b0 = cho_solve((chol_xtx, True), X.T @ y)
@@ -377,6 +387,8 @@ def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepare
 
 def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, block: bool) -> Core:
     n, p = X.shape
+    if structure.observed is not None:
+        X = jnp.where(structure.observed[:, None], X, 0.0).astype(X.dtype)
     factor, ok_a, logdet_a = (_block_solver if block else _dense_solver)(theta, structure, data)
     W = jnp.concatenate([X, data.y0[:, None]], axis=1)
     zt_w = None if structure.heteroscedastic else jnp.concatenate([data.ztx, data.zty0[:, None]], axis=1)
@@ -389,7 +401,13 @@ def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, block: 
     resid = data.y0 - X @ delta
     beta = data.b0 + delta
     quad = resid @ p_y
-    logdet_r = jnp.sum(jnp.log(factor.residual)) if structure.heteroscedastic else n * jnp.log(factor.residual)
+    if structure.observed is not None:  # ``ObservedRows``: only the observed rows count
+        n = jnp.sum(structure.observed, dtype=X.dtype)
+    if structure.heteroscedastic:
+        log_r = jnp.log(factor.residual)
+        logdet_r = jnp.sum(log_r if structure.observed is None else jnp.where(structure.observed, log_r, 0.0))
+    else:
+        logdet_r = n * jnp.log(factor.residual)
     loglik = gaussian_loglik(logdet_r + logdet_a, chol_xvx, quad, n, reml)
     ok = ok_a & ok_x & jnp.all(factor.residual > 0) & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
