@@ -133,3 +133,16 @@ def test_bad_masks_and_data_are_named(grouped):
         jreml.estimate(ObservedRows(inner, few), y, X)
     with pytest.raises(ValueError, match='derivatives="analytic"'):
         jreml.estimate(model, y, X, derivatives="analytic", dv_builder=lambda t: None)
+
+
+@pytest.mark.parametrize("backend", ["dense", "mme"])
+def test_gradient_through_the_fit_is_that_of_the_observed_rows(grouped, backend):
+    """Implicit differentiation of θ̂(y): the observed rows' gradient equals that of the fit on them alone, and
+    the unobserved rows' values have none."""
+    codes, X, y, observed, _ = grouped
+    model = ObservedRows(_intercept_model(codes), observed)
+    alone = _intercept_model(codes[observed])
+    masked = jax.grad(lambda v: jreml.estimate(model, v, X, backend=backend).natural_params[0])(y)
+    single = jax.grad(lambda v: jreml.estimate(alone, v, X[observed], backend=backend).natural_params[0])(y[observed])
+    np.testing.assert_allclose(np.asarray(masked)[observed], single, rtol=1e-7, atol=1e-12)
+    assert np.all(np.asarray(masked)[~observed] == 0)

@@ -154,6 +154,9 @@ class Prepared(NamedTuple):
     y0: Float[Array, " n"]
     zty0: Float[Array, " q"]
     blocks: Blocks | None = None  # for models with a block layout (``block_layout``)
+    # ``ObservedRows``: 1 on the observed rows, 0 elsewhere. Z stays the model's own (shared by the responses of a
+    # vmapped batch, so its products stay matrix-matrix); the mask acts on the vectors instead, as R⁻¹ = M/σ².
+    mask: Float[Array, " n"] | None = None
 
 
 class Blocks(NamedTuple):
@@ -209,26 +212,34 @@ def prepare(structure: Structure, y, X, block_diagonal: bool | None = None) -> P
     dtype = y.dtype
     empty = jnp.zeros((0,), dtype)
     Z = jnp.concatenate([t.Z(empty).astype(dtype) for t in structure.terms], axis=1)
+    mask = None
     if structure.observed is not None:
-        Z = jnp.where(structure.observed[:, None], Z, 0.0).astype(dtype)
+        mask = structure.observed.astype(dtype)
         y = jnp.where(structure.observed, y, 0.0).astype(dtype)
         X = jnp.where(structure.observed[:, None], X, 0.0).astype(dtype)
     xtx = X.T @ X
     chol_xtx, _ = _cholesky(0.5 * (xtx + xtx.T))
     b0 = cho_solve((chol_xtx, True), X.T @ y)
     y0 = y - X @ b0
-    ztz = Z.T @ Z
+    ztz = Z.T @ Z if mask is None else Z.T @ (Z * mask[:, None])  # ZᵀMZ
     layout = block_layout(structure)
     blocks = None
     if layout is not None and block_diagonal is not False:
         m, b = layout
-        grid = ztz.reshape(m, b, m, b)
         groups = jnp.arange(m)
         if block_diagonal is None:
-            outside = jnp.where(jnp.eye(m, dtype=bool)[:, None, :, None], 0.0, grid)
+            # Decided on the model's own ZᵀZ: with a mask, ZᵀMZ has no entries outside those blocks either, and the
+            # decision stays shared by a vmapped batch (a lax.cond that runs one branch, not both).
+            shared = (Z.T @ Z if mask is not None else ztz).reshape(m, b, m, b)
+            outside = jnp.where(jnp.eye(m, dtype=bool)[:, None, :, None], 0.0, shared)
             block_diagonal = jnp.all(outside == 0.0)
-        blocks = Blocks(grid[groups, :, groups, :], block_diagonal)
-    return Prepared(Z, ztz, Z.T @ X, b0, y0, Z.T @ y0, blocks)
+        blocks = Blocks(ztz.reshape(m, b, m, b)[groups, :, groups, :], block_diagonal)
+    return Prepared(Z, ztz, Z.T @ X, b0, y0, Z.T @ y0, blocks, mask)
+
+
+def _masked(data: Prepared, rows):
+    """M·rows: the unobserved rows of an n×r product set to zero (``ObservedRows``; unchanged otherwise)."""
+    return rows if data.mask is None else rows * (data.mask if rows.ndim == 1 else data.mask[:, None])
 
 
 class MMEFactor(NamedTuple):
@@ -277,12 +288,12 @@ def _inner(f: MMEFactor, zt_u):
 
 def _v_inv(f: MMEFactor, data: Prepared, U, zt_u=None):
     """V⁻¹U for an n×r matrix U (Woodbury): R⁻¹U − R⁻¹Z·Λ A⁻¹ Λᵀ·ZᵀR⁻¹U; ``zt_u`` = ZᵀU where already known
-    (used when R = σ²·I)."""
+    (used when R = σ²·I). With a mask, R⁻¹ = M/σ² and U is zero on the unobserved rows."""
     if f.residual.ndim == 0:
         zt_u = data.Z.T @ U if zt_u is None else zt_u
-        return (U - data.Z @ (_inner(f, zt_u) / f.residual)) / f.residual
+        return (U - _masked(data, data.Z @ (_inner(f, zt_u) / f.residual))) / f.residual
     r_inv_u = U / f.residual[:, None]
-    return r_inv_u - (data.Z @ _inner(f, data.Z.T @ r_inv_u)) / f.residual[:, None]
+    return r_inv_u - _masked(data, data.Z @ _inner(f, data.Z.T @ r_inv_u)) / f.residual[:, None]
 
 
 def _dense_solver(theta, structure: Structure, data: Prepared):
@@ -290,7 +301,7 @@ def _dense_solver(theta, structure: Structure, data: Prepared):
     residual = _residual(theta, structure)
     lam = _lambda(theta, structure)
     if structure.heteroscedastic:
-        a = lam.T @ (data.Z.T @ (data.Z / residual[:, None])) @ lam
+        a = lam.T @ (data.Z.T @ _masked(data, data.Z / residual[:, None])) @ lam
     else:
         a = lam.T @ data.ztz @ lam / residual
     a = a + jnp.eye(structure.q, dtype=theta.dtype)
@@ -436,7 +447,7 @@ def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool =
 
     jac = jax.jacfwd(g_times)(theta)  # (q + number of residual parts) × k
     q = structure.q
-    d = data.Z @ jac[:q] + jnp.outer(p_y, jac[q])
+    d = _masked(data, data.Z @ jac[:q]) + jnp.outer(p_y, jac[q])
     for j, part in enumerate(structure.residual[1:], start=1):
         d = d + jnp.outer(part.module.d.astype(p_y.dtype) * p_y, jac[q + j])
     return d
