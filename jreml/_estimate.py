@@ -393,6 +393,9 @@ def _resolve_backend(backend: str, mme_q, n: int, information: str, derivatives:
 
 #: Algorithms whose information leaves out curvature that Newton–Raphson's observed information has.
 NEWTON_FALLBACK = ("ai", "fisher")
+#: Their ends that Newton–Raphson continues: a stall, or a slow crawl that used up ``max_iter`` (linear convergence
+#: along a ridge of ℓ, which the missing curvature also causes).
+NEWTON_CONTINUES = (STALLED, MAX_ITER)
 #: A log-Cholesky G is reset to this fraction of the OLS residual variance (times I) for the restart.
 RESTART_VARIANCE = 0.1
 
@@ -482,11 +485,11 @@ def refine_batch(
     results = {key: np.array(value, copy=True) for key, value in results.items()}
 
     def continue_with_newton(fits: dict, index):
-        """Newton continuations of the stalled fits in ``fits`` (those of responses ``index``), merged in place where
-        kept, their iterations added to the first fit's (as ``estimate`` does)."""
+        """Newton continuations of the fits in ``fits`` (those of responses ``index``) that stalled or ran out of
+        iterations, merged in place where kept, their iterations added to the first fit's (as ``estimate`` does)."""
         if not (newton_fallback and algorithm_name in NEWTON_FALLBACK):
             return
-        stalled = np.flatnonzero(np.asarray(fits["status"]) == STALLED)
+        stalled = np.flatnonzero(np.isin(np.asarray(fits["status"]), NEWTON_CONTINUES))
         if not stalled.size:
             return
         newton = run(index[stalled], fits["theta"][stalled], "newton")
@@ -575,12 +578,13 @@ def estimate(
             |Δℓ| < tol_loglik.
         em_fallback: for variance-component models, try an EM-REML step when step-halving fails.
         newton_fallback: when average-information or Fisher scoring stalls (no step increases ℓ while the
-            convergence tests fail), go on with Newton–Raphson on the observed information from where it stopped,
-            for up to ``max_iter`` more iterations (one compiled program per shape, whatever the first fit took),
-            and keep that fit when its ℓ is not lower (it then reports ``algorithm="ai+newton"`` and the
-            iterations of both). Their information leaves out the curvature of a nonlinear parametrization, which
-            a singular fit with a log-Cholesky G needs. Only in calls with concrete arrays: under ``jit``/``vmap``
-            the first fit is returned as it is.
+            convergence tests fail) or reaches ``max_iter`` without converging, go on with Newton–Raphson on the
+            observed information from where it stopped, for up to ``max_iter`` more iterations (one compiled program
+            per shape, whatever the first fit took), and keep that fit when its ℓ is not lower (it then reports
+            ``algorithm="ai+newton"`` and the iterations of both, up to 2·``max_iter``; ``newton_fallback=False``
+            keeps to ``max_iter``). Their information leaves out the curvature of a nonlinear parametrization, which
+            a singular fit with a log-Cholesky G needs, and without it they can stall, or crawl along a ridge of ℓ.
+            Only in calls with concrete arrays: under ``jit``/``vmap`` the first fit is returned as it is.
         restart_edge: for models with a log-Cholesky G (``UnstructuredMatrix``), when the fit ends with a zero
             diagonal of L (a singular G) or without converging, fit again from θ̂ with every such G reset to
             0.1·σ²_OLS·I, then from the best fit so far with the columns of L at a zero diagonal negated
@@ -707,7 +711,7 @@ def estimate(
         check_delta=check_delta, check_loglik=check_loglik, min_iter=min_iter, max_halvings=max_halvings,
         em_fallback=em_fallback, verbose=verbose, throw=False, backend=backend,
     )  # fmt: skip
-    if concrete and newton_fallback and status == STALLED and algo.name in NEWTON_FALLBACK:
+    if concrete and newton_fallback and status in NEWTON_CONTINUES and algo.name in NEWTON_FALLBACK:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the fit that is kept warns below
             newton = estimate(model, y, X, result.theta, algorithm="newton", newton_fallback=False, **options)

@@ -343,3 +343,42 @@ def test_a_pattern_that_loses_a_fixed_effect_keeps_a_design_of_its_own():
         single = jreml.fit(formula, data.assign(y=Y[:, t]))
         np.testing.assert_allclose(out.loglik[t], float(single.loglik), rtol=0, atol=1e-8)
         np.testing.assert_allclose(out.params[t], single.natural_params, rtol=1e-6)
+
+
+def test_refine_batch_continues_fits_that_stall_or_run_out_of_iterations():
+    """``refine_batch`` gives Newton continuations to the responses whose AI fit stalled or reached max_iter (in the
+    60 three-by-three responses of ``singular_slopes3``, one vmapped AI fit crawled along a ridge of ℓ to max_iter
+    and ended 9.7e-4 below lme4 before this), and keeps a continuation only where its ℓ is not lower."""
+    from jreml._estimate import refine_batch
+    from jreml._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STALLED
+
+    model = jreml.example("dyestuff").model  # no log-Cholesky block: no restarts
+    status = np.array([CONVERGED, STALLED, MAX_ITER, INVALID_START, MAX_ITER])
+    results = {
+        "theta": np.zeros((5, 2)),
+        "natural_params": np.ones((5, 2)),
+        "beta": np.zeros((5, 1)),
+        "loglik": np.array([-10.0, -10.0, -10.0, -np.inf, -10.0]),
+        "converged": status == CONVERGED,
+        "n_iter": np.full(5, 200),
+        "status": status,
+        "at_boundary": np.zeros((5, 2), bool),
+    }
+    calls = []
+
+    def run(index, theta0, algorithm):
+        calls.append((algorithm, list(index)))
+        out = {key: np.array(value)[index] for key, value in results.items()}
+        out.update(
+            status=np.full(len(index), CONVERGED), converged=np.ones(len(index), bool), n_iter=np.full(len(index), 7)
+        )
+        out["loglik"] = np.array([-9.0, -9.0, -11.0])[: len(index)]  # the last one lower: not kept
+        return out
+
+    merged = refine_batch(run, results, model, "ai", np.zeros((5, 3)), np.ones((3, 1)))
+    assert calls == [("newton", [1, 2, 4])]
+    np.testing.assert_array_equal(merged["status"], [CONVERGED, CONVERGED, CONVERGED, INVALID_START, MAX_ITER])
+    np.testing.assert_array_equal(merged["n_iter"], [200, 207, 207, 200, 200])
+    calls.clear()
+    refine_batch(run, results, model, "ai", np.zeros((5, 3)), np.ones((3, 1)), newton_fallback=False)
+    assert calls == []

@@ -121,9 +121,14 @@ def test_history_records_the_path():
 def test_convergence_checks_can_be_switched_off_and_max_iter_is_reported():
     ex = jreml.example("dyestuff")
     with pytest.warns(UserWarning, match="max_iter"):
-        capped = jreml.estimate(ex.model, ex.y, ex.X, max_iter=1)
+        capped = jreml.estimate(ex.model, ex.y, ex.X, max_iter=1, newton_fallback=False)
     assert not bool(capped.converged) and int(capped.n_iter) == 1
     assert "max_iter" in capped.message
+    # by default Newton–Raphson continues an unconverged fit, for up to max_iter more iterations
+    with pytest.warns(UserWarning, match="max_iter"):
+        continued = jreml.estimate(ex.model, ex.y, ex.X, max_iter=1)
+    assert continued.algorithm == "ai+newton" and int(continued.n_iter) == 2 and not bool(continued.converged)
+    assert float(continued.loglik) >= float(capped.loglik)
     off = jreml.estimate(ex.model, ex.y, ex.X, check_delta=False, check_loglik=False, tol_score=1e-3)
     assert bool(off.converged) and int(off.n_iter) >= 2
 

@@ -22,8 +22,9 @@ class ObservedRows(AbstractCovariance):
     constant counts n_o = Σm observations (``observation_count``) instead of n. This lets responses with
     different missing rows share one compiled program of one shape (``jax.vmap`` over y and m; ``fit_batch``).
 
-    The mixed-model-equations back end sees the inner model's structure with Z's unobserved rows set to zero
-    (``mme_structure``), so nothing n×n is built there either. Random-effect levels without an observed row keep
+    The mixed-model-equations back end takes the inner model's structure with the mask (``mme_structure``) and
+    works as if Z's unobserved rows were zero, R⁻¹ = M/σ² (the mask multiplies Z's products, so that Z itself stays
+    shared by a vmapped batch); nothing n×n is built there either. Random-effect levels without an observed row keep
     their columns: the likelihood does not change (their block of ΛᵀZᵀR⁻¹ZΛ + I is I), and their BLUPs are the
     prior mean 0. The EM fallback step keeps the inner model's dimensions (n for the residual), so its residual
     steps are shorter by n_o/n; they are still ascent directions.
