@@ -382,6 +382,17 @@ class _Group(NamedTuple):
             yield np.asarray(self.cols[start:stop]), fields, n_obs
 
 
+def _design_on_rows(rhs, data, relmat, rows):
+    """The design of the right-hand side on the data's rows where ``rows`` (n,) is true (and the covariates are
+    complete): its y holds each kept row's index into the data."""
+    row_index = np.where(rows, np.arange(len(data), dtype=float), np.nan)
+    return build_design(f"{_ROW} ~ {rhs}", data.assign(**{_ROW: row_index}), relmat)
+
+
+def _announce(group, per_response: int) -> None:
+    print(f"fit_batch: {group.describe()}, ≈ {per_response / 2**20:.3g} MiB working memory per response")
+
+
 def _shared_design_group(rhs, data, relmat, ok, patterns: list[list[int]], spectral, fit_kwargs, chunk_size):
     """(design, group, responses left) for the responses of several missingness patterns (``patterns``: the
     response columns of each) that can share one design: built on every row that some response observes, each
@@ -392,10 +403,8 @@ def _shared_design_group(rhs, data, relmat, ok, patterns: list[list[int]], spect
     takes the spectral path or a kernel's eigenbasis (rotations that depend on the rows)."""
     if len(patterns) < 2:
         return None
-    any_row = ok[:, [cols[0] for cols in patterns]].any(axis=1)
-    row_index = np.where(any_row, np.arange(len(data), dtype=float), np.nan)
     try:
-        design = build_design(f"{_ROW} ~ {rhs}", data.assign(**{_ROW: row_index}), relmat)
+        design = _design_on_rows(rhs, data, relmat, ok[:, [cols[0] for cols in patterns]].any(axis=1))
     except Exception:  # the patterns' own designs report what is wrong
         return None
     form = spectral_form(design.model)
@@ -583,16 +592,14 @@ def fit_batch(
     if shared is not None:
         first, group, left = shared
         if verbose:
-            memory = bytes_per_response(group.model, group.design.X.shape[1], False)
-            print(f"fit_batch: {group.describe()}, ≈ {memory / 2**20:.3g} MiB working memory per response")
+            _announce(group, bytes_per_response(group.model, group.design.X.shape[1], False))
         plan.append(group)
         patterns = {key: cols for key, cols in patterns.items() if cols[0] in left}
 
     # One pass over the patterns: a spectral group is reduced to its rotated data at once (see ``_Group``).
     for cols in patterns.values():
-        row_index = np.where(ok[:, cols[0]], np.arange(len(data), dtype=float), np.nan)
         try:
-            design = build_design(f"{_ROW} ~ {rhs}", data.assign(**{_ROW: row_index}), relmat)
+            design = _design_on_rows(rhs, data, relmat, ok[:, cols[0]])
         except Exception as err:  # e.g. a pattern leaving too few rows or levels: these responses fail alone
             failures.append(err)
             errors.update({names[j]: str(err) for j in cols})
@@ -622,7 +629,7 @@ def fit_batch(
         else:
             group = _Group(cols, rows, size, False, design, fitted_model, rotation)
         if verbose and len(plan) < MAX_GROUPS_SHOWN:
-            print(f"fit_batch: {group.describe()}, ≈ {per_response / 2**20:.3g} MiB working memory per response")
+            _announce(group, per_response)
         plan.append(group)
     if first is None:
         raise ValueError(f"no response could be set up: {failures[0]}")
