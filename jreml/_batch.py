@@ -16,8 +16,8 @@ from ._covariance.basic import FixedMatrix, KnownDiagonalMatrix, ScalarMatrix
 from ._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, Sum
 from ._covariance.observed import ObservedRows
 from ._design.build import build_design
-from ._estimate import _mme_q, estimate, refine_batch
-from ._sharding import pad_batch, padded_size, shard_batch
+from ._estimate import _as_algorithm, _mme_q, _resolve_backend, estimate, refine_batch
+from ._sharding import device_count, pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
 from ._spectral import SpectralDesign, decompose, fit_padded, fit_rotated, kernel_on_rows, rotate, spectral_form
 
@@ -175,6 +175,36 @@ def bytes_per_response(model, p: int, spectral: bool) -> int:
 
 def _auto_chunk(per_response: int) -> int:
     return int(max(1, min(MAX_AUTO_CHUNK, CHUNK_MEMORY_BYTES // max(per_response, 1))))
+
+
+#: Responses per CPU device in an automatic chunk of the dense path. A dense response's iteration is O(n³) BLAS-3
+#: work already, which batching speeds up at most twofold (one evaluation at n = 100: 0.16 ms per lane in a
+#: vmapped batch of 64, 0.36 ms alone), while a vmapped while-loop runs every lane until its slowest one stops and
+#: ``refine_batch``'s second tries are padded to the chunk. Warm fit_batch, two kernels, 2 cores, seconds per
+#: response in chunks of 1 / 8 / all: n = 2,000: 1.95 / 3.8 / - ; n = 800: 0.35 / 0.63 / - ; n = 300: 0.030 /
+#: 0.086 / 0.14 (32); n = 100: 0.006 / 0.016 / 0.073 (64); with few singular fits, n = 100: 0.0029 / 0.0030 /
+#: 0.0047 and n = 30: 0.0009 / 0.0005 / 0.0006.
+DENSE_CPU_CHUNK = 1
+
+
+def runs_dense(model, fit_kwargs: dict) -> bool:
+    """Whether ``estimate`` with these options evaluates the model on the dense n×n path (not the MME back end)."""
+    information = _as_algorithm(fit_kwargs.get("algorithm", "ai")).information
+    backend = fit_kwargs.get("backend", "auto")
+    derivatives = fit_kwargs.get("derivatives", "auto")
+    return _resolve_backend(backend, _mme_q(model), model.shape[0], information, derivatives) == "dense"
+
+
+def chunk_for(model, p: int, spectral: bool, chunk_size, count: int, fit_kwargs: dict) -> int:
+    """Responses per compiled call for ``count`` responses of this model: ``chunk_size``, or for ``"auto"`` about
+    ``CHUNK_MEMORY_BYTES`` of working memory (``bytes_per_response``) and, on the dense path on CPU, at most
+    ``DENSE_CPU_CHUNK`` per device."""
+    if chunk_size != "auto":
+        return min(int(chunk_size), count)
+    size = _auto_chunk(bytes_per_response(model, p, spectral))
+    if not spectral and jax.devices()[0].platform == "cpu" and runs_dense(model, fit_kwargs):
+        size = min(size, DENSE_CPU_CHUNK * device_count())
+    return min(size, count)
 
 
 #: A relationship matrix of rank r ≤ this fraction of its size is fitted through its factor (``_low_rank_kernels``).
@@ -427,8 +457,7 @@ def _shared_design_group(rhs, data, relmat, ok, patterns: list[list[int]], spect
         masks.append(np.broadcast_to(observed, (len(cols), len(rows))))
     if not members:
         return None
-    per_response = bytes_per_response(model, p, False)
-    size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(members))
+    size = chunk_for(model, p, False, chunk_size, len(members), fit_kwargs)
     count = len(masks)
     group = _Group(members, rows, size, False, design, model, observed=np.concatenate(masks), patterns=count)
     return design, group, left
@@ -548,7 +577,8 @@ def fit_batch(
         relmat: as in :func:`jreml.fit` (``{"g": K}`` for ``(1 | g)``).
         chunk_size: responses per compiled call; chunks are padded to one shape. ``"auto"`` (default) keeps a
             chunk's working memory near 2 GiB (``bytes_per_response``): up to 256 responses, 5 for the dense
-            path at n = 2,000 with three variance components.
+            path at n = 2,000 with three variance components; on CPU the dense path fits one response per device
+            per call (``DENSE_CPU_CHUNK``: vmapped lanes would wait for the slowest, for little gain).
         spectral: ``None`` (default) uses the spectral fast path when the model is σ²_k·K + σ²_e·I and every
             option is one it understands; ``False`` forces the dense vmapped ``estimate``.
         verbose: 1 prints the path, the working memory per response and the chunk size of each group of
@@ -620,7 +650,7 @@ def fit_batch(
             raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
         fitted_model, rotation = batch_form(design.model, use_spectral)
         per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
-        size = min(_auto_chunk(per_response) if chunk_size == "auto" else chunk_size, len(cols))
+        size = chunk_for(fitted_model, design.X.shape[1], use_spectral, chunk_size, len(cols), fit_kwargs)
         if use_spectral:
             sdesign = decompose(design.model, design.X, form)
             rotated = rotate(sdesign, Y[np.ix_(rows, cols)].T)

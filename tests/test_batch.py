@@ -186,12 +186,21 @@ def test_low_rank_relationship_matrices_are_fitted_through_their_factor():
 
 def test_auto_chunks_bound_the_working_memory(capsys):
     """chunk_size="auto" sizes chunks from bytes_per_response, which XLA's memory analysis of the vmapped dense
-    program confirms (memory per extra response, within 25 %); verbose=1 states the figure."""
+    program confirms (memory per extra response, within 25 %), and on CPU fits the dense path one response per
+    device; verbose=1 states the figure."""
     import jax
     import jax.numpy as jnp
 
-    from jreml._batch import CHUNK_MEMORY_BYTES, _auto_chunk, bytes_per_response
+    from jreml._batch import (
+        CHUNK_MEMORY_BYTES,
+        DENSE_CPU_CHUNK,
+        _auto_chunk,
+        bytes_per_response,
+        chunk_for,
+        runs_dense,
+    )
     from jreml._design.build import build_design
+    from jreml._sharding import device_count
 
     data, Y, _, _, K_full = _two_kernel_data(n=150, T=8)
     formula = "y ~ 1 + x + (1 | a) + (1 | b)"
@@ -216,10 +225,18 @@ def test_auto_chunks_bound_the_working_memory(capsys):
     assert _auto_chunk(8 * 13 * 2000 * 2000) == CHUNK_MEMORY_BYTES // (8 * 13 * 2000 * 2000) == 5
     assert _auto_chunk(bytes_per_response(model, 2, spectral=True)) == 256
 
+    # On CPU the dense path takes DENSE_CPU_CHUNK responses per device and call, whatever the memory allows; the
+    # mixed-model equations keep the memory rule, and an explicit chunk_size is kept.
+    assert chunk_for(model, X.shape[1], False, "auto", 8, {}) == DENSE_CPU_CHUNK * device_count() == 1
+    assert chunk_for(model, X.shape[1], False, 3, 8, {}) == 3
+    slopes = build_design("y ~ x + (x | a)", data.assign(y=Y[:, 0], a=np.arange(150) % 10)).model
+    assert not runs_dense(slopes, {}) and runs_dense(slopes, {"backend": "dense"})
+    assert chunk_for(slopes, 2, False, "auto", 500, {}) == _auto_chunk(bytes_per_response(slopes, 2, False)) > 1
+
     out = fit_batch(formula, data, Y, relmat=relmat, verbose=1)
     assert out.converged.all()
     printed = capsys.readouterr().out
-    assert "dense path" in printed and "MiB working memory per response" in printed and "chunks of 8" in printed
+    assert "dense path" in printed and "MiB working memory per response" in printed and "chunks of 1" in printed
 
 
 def test_one_full_rank_kernel_is_fitted_in_its_eigenbasis(capsys):
