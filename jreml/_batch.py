@@ -187,6 +187,14 @@ def _auto_chunk(per_response: int) -> int:
 DENSE_CPU_CHUNK = 1
 
 
+def _rerun_width(chunk: int) -> int:
+    """Responses per call of ``refine_batch``'s second tries (Newton continuations, restarts) of a chunk: on CPU one
+    per device, since the few fits that need them are the long ones (a crawl to a singular G), and a vmapped lane
+    costs about as much as a fit alone there (sixty 3×3 random-slope responses, warm: 19 s with second tries padded
+    to the chunk of 60, 5 s one at a time); on an accelerator the chunk's own width (its compiled shape)."""
+    return device_count() if jax.devices()[0].platform == "cpu" else chunk
+
+
 def runs_dense(model, fit_kwargs: dict) -> bool:
     """Whether ``estimate`` with these options evaluates the model on the dense n×n path (not the MME back end)."""
     information = _as_algorithm(fit_kwargs.get("algorithm", "ai")).information
@@ -393,14 +401,18 @@ class _Group(NamedTuple):
             fields = _fields(_dense_batch(self.model, shard_batch(block), X, method, options, None, _placed(masks)), m)
 
             def rerun(index, theta0, algorithm, block=block, masks=masks):
-                """``estimate``'s second tries for some of the chunk's responses, padded to the chunk's shape."""
+                """``estimate``'s second tries for some of the chunk's responses, in calls of ``_rerun_width``."""
                 options = tuple(sorted({**fit_kwargs, "algorithm": algorithm}.items()))
-                Y_sub, theta_sub = pad_batch(block[index], padded), pad_batch(theta0, padded)
-                masks_sub = None if masks is None else pad_batch(masks[index], padded)
-                res = _dense_batch(
-                    self.model, shard_batch(Y_sub), X, method, options, shard_batch(theta_sub), _placed(masks_sub)
-                )
-                return _fields(res, len(index))
+                width, parts = _rerun_width(padded), []
+                for begin in range(0, len(index), width):
+                    part = index[begin : begin + width]
+                    Y_sub, theta_sub = pad_batch(block[part], width), pad_batch(theta0[begin : begin + width], width)
+                    masks_sub = None if masks is None else pad_batch(masks[part], width)
+                    res = _dense_batch(
+                        self.model, shard_batch(Y_sub), X, method, options, shard_batch(theta_sub), _placed(masks_sub)
+                    )
+                    parts.append(_fields(res, len(part)))
+                return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
             fields = refine_batch(
                 rerun, fields, self.model, _algorithm_name(fit_kwargs), block[:m], X,

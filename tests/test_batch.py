@@ -283,13 +283,26 @@ def test_one_full_rank_kernel_is_fitted_in_its_eigenbasis(capsys):
         np.testing.assert_allclose(out.se_beta[j], np.asarray(single.se_beta), rtol=1e-6)
 
 
-def test_singular_random_slope_traits_get_the_second_tries_of_single_fits():
+def test_singular_random_slope_traits_get_the_second_tries_of_single_fits(monkeypatch):
     """fit_batch applies ``estimate``'s Newton fallback and restart at the edge to the responses that need them
-    (``refine_batch``): each response's fit is the one ``jreml.fit`` keeps on its own (here, lme4's optimum)."""
+    (``refine_batch``): each response's fit is the one ``jreml.fit`` keeps on its own (here, lme4's optimum). On
+    CPU the second tries run one response per device and call (``_rerun_width``), not padded to the chunk."""
+    import jreml._batch as batch_module
+    from jreml._sharding import device_count
+
+    widths, first_fit = [], batch_module._dense_batch
+
+    def recording(model, Yc, X, method, options, theta0, observed=None):
+        if theta0 is not None:
+            widths.append(Yc.shape[0])
+        return first_fit(model, Yc, X, method, options, theta0, observed)
+
+    monkeypatch.setattr(batch_module, "_dense_batch", recording)
     data = pd.read_csv(REFERENCE_DIR / "singular_sleepstudy.csv")
     lme4 = load_reference("singular_sleepstudy")["fits"]
     names = ["y2", "y20", "y50", "y54", "y3", "y7"]  # four that need a second try, two that do not
     batch = fit_batch("y ~ Days + (Days | Subject)", data, names)
+    assert widths and set(widths) == {device_count()}, widths
     assert batch.converged.all(), batch.to_frame()
     for j, name in enumerate(names):
         single = jreml.fit(f"{name} ~ Days + (Days | Subject)", data)

@@ -340,3 +340,22 @@ def test_singular_three_by_three_covariances_reach_lme4(reference):
     assert not unconverged, unconverged
     below = {name: gap for name, gap in gaps.items() if gap < -1e-6}
     assert not below, below
+
+
+@pytest.mark.slow
+def test_a_crawl_along_a_flat_ridge_ends_early_and_the_second_tries_leave_it(reference):
+    """singular_slopes3 y5: with x1's log-Cholesky diagonal at its bound, its column below is redundant with the
+    next one, and AI (then Newton) crawled along that ridge, ℓ rising by 1e-11 per iteration: AI stalled after 134
+    iterations, and the whole fit took 332. The loop now stops once ℓ gains less than tol_loglik in CRAWL_WINDOW
+    iterations; the second tries then reach the optimum off that face, 0.0032 above lme4's."""
+    from jreml._design.build import build_design
+    from jreml._solvers.loop import CRAWL_WINDOW, STALLED
+
+    data = pd.read_csv(REFERENCE_DIR / "singular_slopes3.csv")
+    design = build_design("y5 ~ x1 + x2 + (x1 + x2 | g)", data)
+    first = jreml.estimate(design.model, design.y, design.X, newton_fallback=False, restart_edge=False)
+    assert int(first.status) == STALLED and int(first.n_iter) <= 4 * CRAWL_WINDOW, int(first.n_iter)
+    assert abs(float(first.loglik) - -154.216845775) < 1e-8  # where the crawl was
+    fit = jreml.estimate(design.model, design.y, design.X)
+    assert bool(fit.converged) and int(fit.n_iter) < 120, (int(fit.n_iter), fit.algorithm)
+    assert float(fit.loglik) > reference("singular_slopes3")["fits"]["y5"]["loglik"] + 3e-3

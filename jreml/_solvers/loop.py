@@ -8,7 +8,7 @@ log-variance would move by more than ``MAX_LOG_STEP``; (ii) tries θ + η·2⁻�
 j = 0, 1, …, ``max_halvings``−1, clipped to [lb, ub], accepting the first candidate whose V is positive definite
 and whose log-likelihood does not decrease; (iii) if none is accepted and the model is a variance-component
 model, tries one EM-REML step (always an ascent step); (iv) tests convergence, and stops a loop that no longer
-makes progress (``IDLE_LIMIT``). A variance stepping below ``snap``
+makes progress (``IDLE_LIMIT``) or crawls (``CRAWL_WINDOW``). A variance stepping below ``snap``
 (the singular threshold) is moved to its lower bound at once. Everything is traced once; under ``jax.vmap`` the loop
 runs until every batch member is done.
 """
@@ -37,6 +37,8 @@ DAMPING_RANGE = (1e-10, 1e10)
 DAMPING_BISECTIONS = 40
 #: Accepted steps in a row that leave ℓ unchanged (within rounding) before the loop stops (``run``).
 IDLE_LIMIT = 5
+#: Iterations over which ℓ must gain at least tol_loglik, or the loop stops as it does without progress (``run``).
+CRAWL_WINDOW = 10
 STATUS_MESSAGES = {
     CONVERGED: "converged",
     MAX_ITER: "did not converge: max_iter iterations reached",
@@ -344,7 +346,16 @@ def run(
         # the bound, go back and forth (the loop ran to max_iter there).
         flat = jnp.abs(new_ev.loglik - ev.loglik) <= 8.0 * noise
         idle = jnp.where(accepted & flat, idle + 1, 0)
-        progress = accepted & ((idle < IDLE_LIMIT) | (i < min_iter))
+        # A crawl: ℓ gained less than tol_loglik over the last CRAWL_WINDOW iterations, whose steps are accepted but
+        # the score and step tests still fail: along a ridge that is flat in one direction (a log-Cholesky column
+        # below a zero diagonal is redundant with the columns after it) AI and Newton took 100-300 such iterations
+        # (singular_slopes3 y5: 1e-11 per iteration). It ends like a loop without progress: converged where the
+        # score test or the quadratic model says ℓ is at its optimum, else stalled, for estimate's second tries.
+        # Not for EM, whose slow linear convergence is its nature, not a sign of a bad model of ℓ.
+        window_start = history.loglik[jnp.maximum(i - CRAWL_WINDOW, 0)]
+        crawling = (i >= CRAWL_WINDOW) & (new_ev.loglik - window_start < jnp.maximum(tol_loglik, 8.0 * noise))
+        crawling = crawling & (algorithm.name != "em")
+        progress = accepted & (((idle < IDLE_LIMIT) & ~crawling) | (i < min_iter))
         # Nothing improves ℓ any more: converged if the score test (when on) says we are at the optimum, or the
         # gain in ℓ that the quadratic model predicts, ½ sᵀI⁻¹s, is below tol_loglik.
         at_optimum = score_norm < score_tol
