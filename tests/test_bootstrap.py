@@ -64,6 +64,20 @@ def test_chunk_size_does_not_change_the_refits():
             bootstrap(fit, 5, chunk_size=bad)
 
 
+def test_auto_chunks_on_cpu_are_narrow_on_the_dense_path():
+    """chunk_size="auto" on CPU: CPU_CHUNK replicates per device, DENSE_CPU_CHUNK on the dense n×n path (as
+    fit_batch: a dense lane gains little from vmap and waits for the slowest), 256 on the spectral path."""
+    from jreml._batch import DENSE_CPU_CHUNK, runs_dense
+    from jreml._bootstrap import CPU_CHUNK, _chunk
+    from jreml._sharding import device_count
+
+    assert _chunk("auto", 1000) == CPU_CHUNK * device_count()
+    assert _chunk("auto", 1000, dense=True) == DENSE_CPU_CHUNK * device_count()
+    assert _chunk("auto", 1000, spectral=True) == 256 and _chunk(None, 1000) == 1000
+    sleepstudy = jreml.example("sleepstudy").model  # the mixed-model equations, unless asked for dense
+    assert not runs_dense(sleepstudy, {}) and runs_dense(sleepstudy, {"backend": "dense"})
+
+
 def _loop(fit, model, X, Ystar):
     fits = [jreml.estimate(model, y, X, fit.theta, throw=False) for y in Ystar]
     return np.array([float(f.loglik) for f in fits]), np.stack([np.asarray(f.natural_params) for f in fits])
