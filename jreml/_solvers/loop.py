@@ -8,7 +8,7 @@ log-variance would move by more than ``MAX_LOG_STEP``; (ii) tries θ + η·2⁻�
 j = 0, 1, …, ``max_halvings``−1, clipped to [lb, ub], accepting the first candidate whose V is positive definite
 and whose log-likelihood does not decrease; (iii) if none is accepted and the model is a variance-component
 model, tries one EM-REML step (always an ascent step); (iv) tests convergence, and stops a loop that no longer
-makes progress (``IDLE_LIMIT``) or crawls (``CRAWL_WINDOW``). A variance stepping below ``snap``
+makes progress (``IDLE_LIMIT``) or crawls (``CRAWL_WINDOW``, ``HALVED_STEP``). A variance stepping below ``snap``
 (the singular threshold) is moved to its lower bound at once. Everything is traced once; under ``jax.vmap`` the loop
 runs until every batch member is done.
 """
@@ -39,6 +39,8 @@ DAMPING_BISECTIONS = 40
 IDLE_LIMIT = 5
 #: Iterations over which ℓ must gain at least tol_loglik, or the loop stops as it does without progress (``run``).
 CRAWL_WINDOW = 10
+#: AI or Fisher steps halved this many times or more throughout CRAWL_WINDOW iterations also end the loop (``run``).
+HALVED_STEP = 8
 STATUS_MESSAGES = {
     CONVERGED: "converged",
     MAX_ITER: "did not converge: max_iter iterations reached",
@@ -355,6 +357,13 @@ def run(
         window_start = history.loglik[jnp.maximum(i - CRAWL_WINDOW, 0)]
         crawling = (i >= CRAWL_WINDOW) & (new_ev.loglik - window_start < jnp.maximum(tol_loglik, 8.0 * noise))
         crawling = crawling & (algorithm.name != "em")
+        if algorithm.name in ("ai", "fisher") and max_iter > CRAWL_WINDOW:
+            # Or the information is a poor model of ℓ's curvature: every step of the window (and this one) was halved
+            # HALVED_STEP times or more (singular_slopes3 y34: 2⁻⁸–2⁻¹⁵ for 120 AI iterations). Newton, which has
+            # that curvature, continues (``newton_fallback``).
+            lengths = jax.lax.dynamic_slice_in_dim(history.step_length, jnp.maximum(i - CRAWL_WINDOW, 0), CRAWL_WINDOW)
+            short = jnp.exp2(-float(HALVED_STEP)) * eta
+            crawling = crawling | ((i > CRAWL_WINDOW) & jnp.all(lengths <= short) & (length <= short))
         progress = accepted & (((idle < IDLE_LIMIT) & ~crawling) | (i < min_iter))
         # Nothing improves ℓ any more: converged if the score test (when on) says we are at the optimum, or the
         # gain in ℓ that the quadratic model predicts, ½ sᵀI⁻¹s, is below tol_loglik.
