@@ -366,13 +366,14 @@ class _Group(NamedTuple):
     # share one design of n_g rows (``_shared_design_group``); None when all are observed on all n_g rows.
     observed: np.ndarray | None = None
     patterns: int = 1
+    dense: bool = False  # evaluated on the dense n×n path (``runs_dense``), not the mixed-model equations
 
     @property
     def chunks(self):
         return _chunks(len(self.cols), self.size)
 
     def describe(self) -> str:
-        how = "spectral" if self.spectral else ("mixed-model equations" if _mme_q(self.model) else "dense")
+        how = "spectral" if self.spectral else ("dense" if self.dense else "mixed-model equations")
         if self.rotation is not None:
             how += " (in the kernel's eigenbasis)"
         shared = "" if self.observed is None else f" of {self.patterns} missingness patterns fitted together"
@@ -471,7 +472,10 @@ def _shared_design_group(rhs, data, relmat, ok, patterns: list[list[int]], spect
         return None
     size = chunk_for(model, p, False, chunk_size, len(members), fit_kwargs)
     count = len(masks)
-    group = _Group(members, rows, size, False, design, model, observed=np.concatenate(masks), patterns=count)
+    group = _Group(
+        members, rows, size, False, design, model, observed=np.concatenate(masks), patterns=count,
+        dense=runs_dense(model, fit_kwargs),
+    )  # fmt: skip
     return design, group, left
 
 
@@ -669,7 +673,9 @@ def fit_batch(
             compact = sdesign._replace(U=None, form=sdesign.form._replace(kernel=None))  # no n_g² arrays kept
             group = _Group(cols, rows, size, True, spectral_design=compact, rotated=rotated)
         else:
-            group = _Group(cols, rows, size, False, design, fitted_model, rotation)
+            group = _Group(
+                cols, rows, size, False, design, fitted_model, rotation, dense=runs_dense(fitted_model, fit_kwargs)
+            )
         if verbose and len(plan) < MAX_GROUPS_SHOWN:
             _announce(group, per_response)
         plan.append(group)

@@ -111,7 +111,9 @@ def test_many_missingness_patterns_share_one_spectral_program(batch, kinship):
         assert out.h2_se[j] > 0
 
 
-def test_dense_vmapped_path_sleepstudy():
+def test_dense_vmapped_path_sleepstudy(capsys):
+    """A random-slope model: the mixed-model equations by default, the dense path with backend="dense" (the verbose
+    line names the path that runs); both equal separate fits."""
     ex = jreml.example("sleepstudy")
     base = jreml.estimate(ex.model, ex.y, ex.X)
     rng = np.random.default_rng(0)
@@ -119,8 +121,12 @@ def test_dense_vmapped_path_sleepstudy():
     Y = (ex.X @ np.asarray(base.beta))[:, None] + L @ rng.normal(size=(len(ex.y), 5))
     data = ex.data.assign(**{f"r{j}": Y[:, j] for j in range(5)})
     names = [f"r{j}" for j in range(5)]
-    out = fit_batch("Reaction ~ Days + (Days | Subject)", data, names)
+    out = fit_batch("Reaction ~ Days + (Days | Subject)", data, names, verbose=1)
     assert not out.spectral.any() and out.h2 is None
+    assert "mixed-model equations path" in capsys.readouterr().out
+    dense = fit_batch("Reaction ~ Days + (Days | Subject)", data, names, backend="dense", verbose=1)
+    assert "dense path, chunks of 1" in capsys.readouterr().out
+    np.testing.assert_allclose(dense.loglik, out.loglik, rtol=0, atol=1e-8)
     frame = out.to_frame()
     assert "Subject.(Intercept):Days" in frame.columns or len(out.param_names) == 4
     for j, name in enumerate(names):
