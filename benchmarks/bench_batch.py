@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 import jreml
-from jreml._batch import batch_form, chunk_for, fit_batch
+from jreml._batch import batch_form, chunk_for, fit_batch, runs_dense
 from jreml._design.build import build_design
 from jreml._spectral import decompose, fit_rotated, rotate
 
@@ -262,7 +262,7 @@ def bench_dense(args):
     if args.dense_chunk == "auto":  # what fit_batch's chunk_size="auto" picks, so that the warm-up has that shape
         design = build_design(formula, data.assign(y=Y[:, 0]), relmat)
         fitted, _ = batch_form(design.model, spectral=False)
-        chunk = chunk_for(fitted, design.X.shape[1], False, "auto", T, {})
+        chunk = chunk_for(fitted, design.X.shape[1], False, "auto", T, runs_dense(fitted, {}))
     else:
         chunk = min(int(args.dense_chunk), T)
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from ._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMat
 from ._covariance.observed import ObservedRows
 from ._design.build import build_design
 from ._estimate import _as_algorithm, _mme_q, _resolve_backend, estimate, refine_batch
-from ._sharding import device_count, pad_batch, padded_size, shard_batch
+from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
 from ._spectral import SpectralDesign, decompose, fit_padded, fit_rotated, kernel_on_rows, rotate, spectral_form
 
@@ -192,7 +192,7 @@ def _rerun_width(chunk: int) -> int:
     per device, since the few fits that need them are the long ones (a crawl to a singular G), and a vmapped lane
     costs about as much as a fit alone there (sixty 3×3 random-slope responses, warm: 19 s with second tries padded
     to the chunk of 60, 5 s one at a time); on an accelerator the chunk's own width (its compiled shape)."""
-    return device_count() if jax.devices()[0].platform == "cpu" else chunk
+    return device_count() if on_cpu() else chunk
 
 
 def runs_dense(model, fit_kwargs: dict) -> bool:
@@ -203,14 +203,14 @@ def runs_dense(model, fit_kwargs: dict) -> bool:
     return _resolve_backend(backend, _mme_q(model), model.shape[0], information, derivatives) == "dense"
 
 
-def chunk_for(model, p: int, spectral: bool, chunk_size, count: int, fit_kwargs: dict) -> int:
+def chunk_for(model, p: int, spectral: bool, chunk_size, count: int, dense: bool) -> int:
     """Responses per compiled call for ``count`` responses of this model: ``chunk_size``, or for ``"auto"`` about
-    ``CHUNK_MEMORY_BYTES`` of working memory (``bytes_per_response``) and, on the dense path on CPU, at most
-    ``DENSE_CPU_CHUNK`` per device."""
+    ``CHUNK_MEMORY_BYTES`` of working memory (``bytes_per_response``) and, on the dense path (``dense``, from
+    ``runs_dense``) on CPU, at most ``DENSE_CPU_CHUNK`` per device."""
     if chunk_size != "auto":
         return min(int(chunk_size), count)
     size = _auto_chunk(bytes_per_response(model, p, spectral))
-    if not spectral and jax.devices()[0].platform == "cpu" and runs_dense(model, fit_kwargs):
+    if not spectral and dense and on_cpu():
         size = min(size, DENSE_CPU_CHUNK * device_count())
     return min(size, count)
 
@@ -404,16 +404,18 @@ class _Group(NamedTuple):
             def rerun(index, theta0, algorithm, block=block, masks=masks):
                 """``estimate``'s second tries for some of the chunk's responses, in calls of ``_rerun_width``."""
                 options = tuple(sorted({**fit_kwargs, "algorithm": algorithm}.items()))
-                width, parts = _rerun_width(padded), []
-                for begin in range(0, len(index), width):
-                    part = index[begin : begin + width]
-                    Y_sub, theta_sub = pad_batch(block[part], width), pad_batch(theta0[begin : begin + width], width)
+                width = _rerun_width(padded)
+
+                def piece(first, last):
+                    part = index[first:last]
+                    Y_sub, theta_sub = pad_batch(block[part], width), pad_batch(theta0[first:last], width)
                     masks_sub = None if masks is None else pad_batch(masks[part], width)
                     res = _dense_batch(
                         self.model, shard_batch(Y_sub), X, method, options, shard_batch(theta_sub), _placed(masks_sub)
                     )
-                    parts.append(_fields(res, len(part)))
-                return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+                    return _fields(res, len(part))
+
+                return in_pieces(len(index), width, piece)
 
             fields = refine_batch(
                 rerun, fields, self.model, _algorithm_name(fit_kwargs), block[:m], X,
@@ -470,12 +472,12 @@ def _shared_design_group(rhs, data, relmat, ok, patterns: list[list[int]], spect
         masks.append(np.broadcast_to(observed, (len(cols), len(rows))))
     if not members:
         return None
-    size = chunk_for(model, p, False, chunk_size, len(members), fit_kwargs)
+    dense = runs_dense(model, fit_kwargs)
+    size = chunk_for(model, p, False, chunk_size, len(members), dense)
     count = len(masks)
     group = _Group(
-        members, rows, size, False, design, model, observed=np.concatenate(masks), patterns=count,
-        dense=runs_dense(model, fit_kwargs),
-    )  # fmt: skip
+        members, rows, size, False, design, model, observed=np.concatenate(masks), patterns=count, dense=dense
+    )
     return design, group, left
 
 
@@ -666,16 +668,15 @@ def fit_batch(
             raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
         fitted_model, rotation = batch_form(design.model, use_spectral)
         per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
-        size = chunk_for(fitted_model, design.X.shape[1], use_spectral, chunk_size, len(cols), fit_kwargs)
+        dense = not use_spectral and runs_dense(fitted_model, fit_kwargs)
+        size = chunk_for(fitted_model, design.X.shape[1], use_spectral, chunk_size, len(cols), dense)
         if use_spectral:
             sdesign = decompose(design.model, design.X, form)
             rotated = rotate(sdesign, Y[np.ix_(rows, cols)].T)
             compact = sdesign._replace(U=None, form=sdesign.form._replace(kernel=None))  # no n_g² arrays kept
             group = _Group(cols, rows, size, True, spectral_design=compact, rotated=rotated)
         else:
-            group = _Group(
-                cols, rows, size, False, design, fitted_model, rotation, dense=runs_dense(fitted_model, fit_kwargs)
-            )
+            group = _Group(cols, rows, size, False, design, fitted_model, rotation, dense=dense)
         if verbose and len(plan) < MAX_GROUPS_SHOWN:
             _announce(group, per_response)
         plan.append(group)

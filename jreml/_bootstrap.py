@@ -12,7 +12,7 @@ import pandas as pd
 
 from ._batch import DENSE_CPU_CHUNK, MAX_AUTO_CHUNK, batch_form, runs_dense, takes_spectral_path
 from ._estimate import BATCH_FIELDS, estimate, refine_batch
-from ._sharding import device_count, pad_batch, padded_size, shard_batch
+from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._spectral import decompose, fit_rotated, rotate, spectral_form
 
 __all__ = ["BootstrapResult", "bootstrap", "simulate"]
@@ -104,16 +104,15 @@ def _refit_all(model, Ystar, X, fit, size: int, options: tuple) -> dict:
     padded = padded_size(size)
 
     def run(index, theta0, algorithm):
-        parts = []
-        for start in range(0, len(index), size):
-            rows = index[start : start + size]
-            sub = pad_batch(Ystar[rows], padded)
-            begin = pad_batch(np.asarray(theta0[start : start + size]), padded)
+        def piece(start, stop):
+            sub = pad_batch(Ystar[index[start:stop]], padded)
+            begin = pad_batch(np.asarray(theta0[start:stop]), padded)
             res = _refit(
                 model, shard_batch(jnp.asarray(sub)), X, shard_batch(jnp.asarray(begin)), fit.method, algorithm, options
             )
-            parts.append({key: np.asarray(value)[: len(rows)] for key, value in res.items()})
-        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+            return {key: np.asarray(value)[: stop - start] for key, value in res.items()}
+
+        return in_pieces(len(index), size, piece)
 
     everyone = np.arange(len(Ystar))
     first = run(everyone, np.broadcast_to(np.asarray(fit.theta), (len(Ystar), np.shape(fit.theta)[0])), algorithm)
@@ -133,7 +132,7 @@ def _chunk(chunk_size, n_boot: int, spectral: bool = False, dense: bool = False)
             raise ValueError(f'chunk_size must be a positive integer, None or "auto", got {chunk_size!r}')
         if spectral:  # every replicate converges in a few cheap iterations: as fit_batch's spectral chunks
             return min(MAX_AUTO_CHUNK, n_boot)
-        if jax.devices()[0].platform != "cpu":
+        if not on_cpu():
             per_device = ACCELERATOR_CHUNK
         else:  # as fit_batch's dense chunks (kinship example, backend="dense": 23.5 ms per replicate, 49.6 ms in 16s)
             per_device = DENSE_CPU_CHUNK if dense else CPU_CHUNK

@@ -6,11 +6,23 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["device_count", "padded_size", "pad_batch", "shard_batch"]
+__all__ = ["device_count", "in_pieces", "on_cpu", "padded_size", "pad_batch", "shard_batch"]
 
 
 def device_count() -> int:
     return len(jax.devices())
+
+
+def on_cpu() -> bool:
+    """Whether the default devices are CPUs (where a vmapped lane costs about as much as a call of its own)."""
+    return jax.devices()[0].platform == "cpu"
+
+
+def in_pieces(count: int, width: int, piece) -> dict:
+    """``piece(start, stop)`` (a dict of arrays with stop − start rows) for consecutive pieces of ``width`` of
+    ``count`` rows, concatenated field by field."""
+    parts = [piece(start, min(start + width, count)) for start in range(0, count, width)]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
 def padded_size(size: int, multiple: int | None = None) -> int:

@@ -233,11 +233,17 @@ def test_auto_chunks_bound_the_working_memory(capsys):
 
     # On CPU the dense path takes DENSE_CPU_CHUNK responses per device and call, whatever the memory allows; the
     # mixed-model equations keep the memory rule, and an explicit chunk_size is kept.
-    assert chunk_for(model, X.shape[1], False, "auto", 8, {}) == DENSE_CPU_CHUNK * device_count() == 1
-    assert chunk_for(model, X.shape[1], False, 3, 8, {}) == 3
+    assert (
+        chunk_for(model, X.shape[1], False, "auto", 8, runs_dense(model, {})) == DENSE_CPU_CHUNK * device_count() == 1
+    )
+    assert chunk_for(model, X.shape[1], False, 3, 8, runs_dense(model, {})) == 3
     slopes = build_design("y ~ x + (x | a)", data.assign(y=Y[:, 0], a=np.arange(150) % 10)).model
     assert not runs_dense(slopes, {}) and runs_dense(slopes, {"backend": "dense"})
-    assert chunk_for(slopes, 2, False, "auto", 500, {}) == _auto_chunk(bytes_per_response(slopes, 2, False)) > 1
+    assert (
+        chunk_for(slopes, 2, False, "auto", 500, runs_dense(slopes, {}))
+        == _auto_chunk(bytes_per_response(slopes, 2, False))
+        > 1
+    )
 
     out = fit_batch(formula, data, Y, relmat=relmat, verbose=1)
     assert out.converged.all()

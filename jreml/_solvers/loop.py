@@ -357,7 +357,7 @@ def run(
         window_start = history.loglik[jnp.maximum(i - CRAWL_WINDOW, 0)]
         crawling = (i >= CRAWL_WINDOW) & (new_ev.loglik - window_start < jnp.maximum(tol_loglik, 8.0 * noise))
         crawling = crawling & (algorithm.name != "em")
-        if algorithm.name in ("ai", "fisher") and max_iter > CRAWL_WINDOW:
+        if algorithm.information in ("ai", "fisher") and max_iter > CRAWL_WINDOW:
             # Or the information is a poor model of ℓ's curvature: every step of the window (and this one) was halved
             # HALVED_STEP times or more (singular_slopes3 y34: 2⁻⁸–2⁻¹⁵ for 120 AI iterations). Newton, which has
             # that curvature, continues (``newton_fallback``).
