@@ -14,7 +14,10 @@ _install_lapack_guard()
 from . import covariance as covariance
 from . import datasets as datasets
 from ._config import float_dtype as float_dtype
-from ._estimate import estimate as estimate
+from ._entry import estimate as estimate
+from ._backends.select import BackendChoice as BackendChoice
+from ._backends.select import select_backend as select_backend
+from ._solvers.results import RESULTS as RESULTS
 from ._examples import Example as Example
 from ._examples import example as example
 from ._facade import REML as REML

@@ -12,19 +12,18 @@ import numpy as np
 import pandas as pd
 
 from ._backends.mme import mme_structure
-from ._covariance.basic import FixedMatrix, KnownDiagonalMatrix, ScalarMatrix
-from ._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, Sum
+from ._backends.rewrites import KernelRotation, batch_form
+from ._backends.select import select_backend
 from ._covariance.observed import ObservedRows
+from ._covariance.queries import kernel_variance_index
 from ._design.build import build_design
-from ._estimate import _as_algorithm, _mme_q, _resolve_backend, estimate, refine_batch
+from ._estimate import estimate, refine_batch
 from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
-from ._spectral import SpectralDesign, decompose, fit_padded, fit_rotated, kernel_on_rows, rotate, spectral_form
+from ._spectral import SpectralDesign, decompose, fit_padded, fit_rotated, rotate, spectral_form
 
 __all__ = ["BatchFit", "fit_batch"]
 
-#: Options the spectral path understands; any other ``estimate`` option sends the batch to the dense path.
-SPECTRAL_OPTIONS = {"max_iter", "max_halvings", "min_iter", "tol_score", "tol_delta", "tol_loglik"}
 _ROW = "__jreml_row__"
 
 
@@ -80,28 +79,6 @@ class BatchFit:
         return pd.DataFrame(cols)
 
 
-def _kernel_term_index(model) -> tuple[int, tuple[float, ...]] | None:
-    """θ index of the single known-relationship-matrix variance and all variance powers, for h².
-
-    Needs a variance-component model (``em_plan()``) with exactly one term built on a ``FixedMatrix``.
-    """
-    from ._covariance.basic import FixedMatrix
-    from ._covariance.compose import CovariancePropagation, Sum
-
-    plan = model.em_plan()
-    if plan is None or not isinstance(model, Sum):
-        return None
-    hits, offset = [], 0
-    for term in model.terms:
-        inner = term.G if isinstance(term, CovariancePropagation) else term
-        if isinstance(inner, FixedMatrix):
-            hits.append(offset + term.num_free_params - 1)
-        offset += term.num_free_params
-    if len(hits) != 1:
-        return None
-    return hits[0], tuple(float(power) for _, power in plan)
-
-
 def _h2(theta, params, vcov_theta, index: int, powers):
     """h² = σ²_K / Σσ² and its delta-method SE from the inverse information of θ (σ²_i = exp(p_i θ_i))."""
     powers = np.asarray(powers)
@@ -152,8 +129,10 @@ CHUNK_MEMORY_BYTES = 2 * 2**30
 MAX_AUTO_CHUNK = 256
 
 
-def bytes_per_response(model, p: int, spectral: bool) -> int:
-    """Working memory of one response in a vmapped chunk, in bytes (float64; a measured rule of thumb).
+def bytes_per_response(model, p: int, spectral: bool, dense: bool | None = None) -> int:
+    """Working memory of one response in a vmapped chunk, in bytes (float64; a measured rule of thumb), on the
+    spectral path (``spectral``), else on the back end ``select_backend`` chooses for the model (``dense``: whether
+    that is the dense path, when the caller knows it already from the fit's options; None asks with the defaults).
 
     Spectral path: (p + 4)·n numbers (the rotated response and its moments). Mixed-model equations (q random
     effects): (4 + k)·q² + (2p + 2k + 4)·n. Dense path: (4 + 3k)·n², V, its factor and inverse and, for each of
@@ -164,8 +143,10 @@ def bytes_per_response(model, p: int, spectral: bool) -> int:
     n, k = model.shape[0], model.num_free_params
     if spectral:
         return 8 * (p + 4) * n
-    structure = mme_structure(model)
-    if structure is not None and structure.q < n:
+    if dense is None:
+        dense = select_backend(model).dense
+    structure = None if dense else mme_structure(model)
+    if structure is not None:
         q = structure.q
         # A heteroscedastic residual rebuilds ZᵀR⁻¹Z per evaluation from an n×q copy of Z scaled by R⁻¹.
         scaled_z = 2 * n * q if structure.heteroscedastic else 0
@@ -196,11 +177,27 @@ def _rerun_width(chunk: int) -> int:
 
 
 def runs_dense(model, fit_kwargs: dict) -> bool:
-    """Whether ``estimate`` with these options evaluates the model on the dense n×n path (not the MME back end)."""
-    information = _as_algorithm(fit_kwargs.get("algorithm", "ai")).information
-    backend = fit_kwargs.get("backend", "auto")
-    derivatives = fit_kwargs.get("derivatives", "auto")
-    return _resolve_backend(backend, _mme_q(model), model.shape[0], information, derivatives) == "dense"
+    """Whether ``estimate`` with these options evaluates the model on the dense n×n path (``select_backend``)."""
+    return select_backend(
+        model,
+        backend=fit_kwargs.get("backend", "auto"),
+        algorithm=fit_kwargs.get("algorithm", "ai"),
+        derivatives=fit_kwargs.get("derivatives", "auto"),
+    ).dense
+
+
+def takes_spectral_path(model, options) -> bool:
+    """Whether a batch of ``model`` with these options runs on the spectral path (``select_backend``)."""
+    return (
+        select_backend(
+            model,
+            backend=options.get("backend", "auto"),
+            algorithm=options.get("algorithm", "ai"),
+            derivatives=options.get("derivatives", "auto"),
+            batch_options=options,
+        ).name
+        == "spectral"
+    )
 
 
 def chunk_for(model, p: int, spectral: bool, chunk_size, count: int, dense: bool) -> int:
@@ -209,140 +206,10 @@ def chunk_for(model, p: int, spectral: bool, chunk_size, count: int, dense: bool
     ``runs_dense``) on CPU, at most ``DENSE_CPU_CHUNK`` per device."""
     if chunk_size != "auto":
         return min(int(chunk_size), count)
-    size = _auto_chunk(bytes_per_response(model, p, spectral))
+    size = _auto_chunk(bytes_per_response(model, p, spectral, dense))
     if not spectral and dense and on_cpu():
         size = min(size, DENSE_CPU_CHUNK * device_count())
     return min(size, count)
-
-
-#: A relationship matrix of rank r ≤ this fraction of its size is fitted through its factor (``_low_rank_kernels``).
-LOW_RANK_FRACTION = 0.5
-#: Eigenvalues at or below this multiple of the largest count as zero when the rank of a relationship matrix is set.
-RANK_TOLERANCE = 1e-10
-
-
-def _low_rank_kernels(model):
-    """The model with every relationship-matrix term Z·σ²K·Zᵀ whose K (q×q) has rank r ≤ q/2 rewritten exactly as
-    (Z L)·σ²I_r·(Z L)ᵀ, K = L Lᵀ with L = U_r Λ_r^½ from K's eigendecomposition (eigenvalues ≤ 1e-10·λ_max taken as
-    zero, so V changes by at most that).
-
-    Same V(θ), same parameters and names (both terms are σ² = exp(θ) "variance"), but the model now has the form of
-    the mixed-model-equations back end: O(n r² + r³) per iteration instead of the dense O(n³), e.g. genomic
-    relationship matrices from fewer markers than individuals, or kernels of group memberships. ``fit_batch``
-    applies it to models without the spectral form; BLUPs would be of the r factors, which is why single fits
-    keep K.
-    """
-    if not isinstance(model, Sum):
-        return model
-    terms, changed = [], False
-    for term in model.terms:
-        if (
-            isinstance(term, CovariancePropagation)
-            and isinstance(term.Z, DummyMatrix)
-            and not term.Z.drop_first
-            and isinstance(term.G, FixedMatrix)
-        ):
-            eigenvalues, eigenvectors = np.linalg.eigh(np.asarray(term.G.K, dtype=float))
-            tolerance = RANK_TOLERANCE * max(float(eigenvalues[-1]), 0.0)
-            keep = eigenvalues > tolerance
-            rank = int(keep.sum())
-            # An indefinite K (an eigenvalue below −tolerance) is left as it is: dropping its negative part would
-            # change V.
-            if 0 < rank <= LOW_RANK_FRACTION * eigenvalues.shape[0] and eigenvalues[0] >= -tolerance:
-                factor = eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
-                loadings = factor[np.asarray(term.Z.codes)]  # Z·L without forming the n×q incidence matrix
-                G = ScalarMatrix(rank, transform=term.G.transform)
-                term = CovariancePropagation(ConstantMatrix(loadings), G, name=term.name)
-                changed = True
-        terms.append(term)
-    if not changed:
-        return model
-    rewritten = Sum(*terms, name=model.name)
-    assert rewritten.param_names == model.param_names, (rewritten.param_names, model.param_names)
-    return rewritten
-
-
-def takes_spectral_path(form, options) -> bool:
-    """Whether a model of spectral form ``form`` (or None) is fitted by the spectral path with these options."""
-    return form is not None and set(options) <= SPECTRAL_OPTIONS
-
-
-class KernelRotation(NamedTuple):
-    """A model rewritten in the eigenbasis of its one full-rank kernel (``_rotate_kernel``): fit ``model`` to Uᵀy
-    with fixed effects UᵀX."""
-
-    model: Sum
-    U: np.ndarray  # (n, n) eigenvectors of the kernel on the observations
-
-    def apply(self, Y, X):
-        """Responses (T, n) and fixed effects (n, p) in the kernel's eigenbasis: Y·U and UᵀX (X's dtype kept)."""
-        X = np.asarray(X)
-        return Y @ self.U, (self.U.T @ X).astype(X.dtype)
-
-
-def _kernel_on_rows(term) -> tuple[np.ndarray, str, object] | None:
-    """(K on the observations (n×n), parameter label, transform) of a one-variance known-kernel term σ²·K or
-    Z·σ²K·Zᵀ with a fixed Z; None for any other term."""
-    if isinstance(term, FixedMatrix):
-        return kernel_on_rows(term), term.label, term.transform
-    if not (isinstance(term, CovariancePropagation) and isinstance(term.G, FixedMatrix) and not term.Z.num_free_params):
-        return None
-    label = ".".join(part for part in (term.label, term.G.label) if part)
-    return kernel_on_rows(term), label or None, term.G.transform
-
-
-def _rotate_kernel(model) -> KernelRotation | None:
-    """The model σ²_K·K_n + Σ_j Z_j G_j Z_jᵀ + σ²_e·I, with one kernel K_n (n×n on the observations, any rank) and
-    random terms of q = Σ q_j ≤ n/2 effects, rewritten exactly in K_n's eigenbasis K_n = U diag(λ) Uᵀ:
-
-        Uᵀ V U = σ²_K·diag(λ) + σ²_e·I + Σ_j (UᵀZ_j) G_j (UᵀZ_j)ᵀ
-
-    a heteroscedastic diagonal residual plus q random effects: the mixed-model-equations back end fits it in
-    O(n q² + q³) per iteration instead of the dense O(n³), after one O(n³) eigendecomposition shared by all
-    responses (e.g. a genomic relationship matrix plus a cage, batch or environment effect). The likelihood is
-    unchanged by the orthogonal rotation (ỹ = Uᵀy, X̃ = UᵀX), and so are θ, β and their information; the
-    parameters and their names stay the same. None when the model has another form or K_n is indefinite.
-    """
-    if not isinstance(model, Sum):
-        return None
-    n = model.shape[0]
-    kernels = [(i, _kernel_on_rows(term)) for i, term in enumerate(model.terms)]
-    kernels = [(i, kernel) for i, kernel in kernels if kernel is not None]
-    if len(kernels) != 1:
-        return None
-    index, (K, label, transform) = kernels[0]
-    others = [term for i, term in enumerate(model.terms) if i != index]
-    rest = mme_structure(Sum(*others)) if len(others) > 1 else None
-    if rest is None or rest.heteroscedastic or rest.q > LOW_RANK_FRACTION * n:
-        return None
-    eigenvalues, U = np.linalg.eigh(0.5 * (K + K.T))
-    tolerance = RANK_TOLERANCE * max(float(eigenvalues[-1]), 0.0)
-    if eigenvalues[0] < -tolerance:  # indefinite: σ²_K·diag(λ) would not be a variance term; the dense path fits it
-        return None
-    terms = []
-    for i, term in enumerate(model.terms):
-        if i == index:
-            # rounding-level negative eigenvalues (≥ −1e-10·λ_max) become 0: V changes by at most that
-            term = KnownDiagonalMatrix(np.clip(eigenvalues, 0.0, None), name=label, transform=transform)
-        elif isinstance(term, CovariancePropagation):
-            z = np.asarray(term.Z(jax.numpy.zeros((0,))), dtype=float)
-            term = CovariancePropagation(ConstantMatrix(U.T @ z), term.G, name=term.name)
-        terms.append(term)
-    rotated = Sum(*terms, name=model.name)
-    if rotated.param_names != model.param_names:
-        return None
-    return KernelRotation(rotated, U)
-
-
-def batch_form(model, spectral: bool) -> tuple[object, KernelRotation | None]:
-    """The model ``fit_batch`` fits, and the rotation of the data it needs (or None): the model itself on the
-    spectral path, else low-rank kernels through their factors (``_low_rank_kernels``) and, when that leaves no
-    mixed-model-equations form, one full-rank kernel in its eigenbasis (``_rotate_kernel``)."""
-    if spectral:
-        return model, None
-    model = _low_rank_kernels(model)
-    rotation = None if _mme_q(model) else _rotate_kernel(model)
-    return (model, None) if rotation is None else (rotation.model, rotation)
 
 
 class _Group(NamedTuple):
@@ -452,8 +319,7 @@ def _shared_design_group(rhs, data, relmat, ok, patterns: list[list[int]], spect
         design = _design_on_rows(rhs, data, relmat, ok[:, [cols[0] for cols in patterns]].any(axis=1))
     except Exception:  # the patterns' own designs report what is wrong
         return None
-    form = spectral_form(design.model)
-    if takes_spectral_path(form, fit_kwargs) if spectral is None else spectral:
+    if takes_spectral_path(design.model, fit_kwargs) if spectral is None else spectral:
         return None
     model, rotation = batch_form(design.model, False)
     if rotation is not None:
@@ -640,7 +506,7 @@ def fit_batch(
     if shared is not None:
         first, group, left = shared
         if verbose:
-            _announce(group, bytes_per_response(group.model, group.design.X.shape[1], False))
+            _announce(group, bytes_per_response(group.model, group.design.X.shape[1], False, group.dense))
         plan.append(group)
         patterns = {key: cols for key, cols in patterns.items() if cols[0] in left}
 
@@ -660,15 +526,13 @@ def fit_batch(
             )
             continue
         rows = design.y.astype(int)
-        use_spectral = spectral
-        form = spectral_form(design.model)
-        if use_spectral is None:
-            use_spectral = takes_spectral_path(form, fit_kwargs)
+        use_spectral = takes_spectral_path(design.model, fit_kwargs) if spectral is None else spectral
+        form = spectral_form(design.model) if use_spectral else None
         if use_spectral and form is None:
             raise ValueError("spectral=True needs a model sigma2_k * K + sigma2_e * I")
         fitted_model, rotation = batch_form(design.model, use_spectral)
-        per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral)
         dense = not use_spectral and runs_dense(fitted_model, fit_kwargs)
+        per_response = bytes_per_response(fitted_model, design.X.shape[1], use_spectral, dense)
         size = chunk_for(fitted_model, design.X.shape[1], use_spectral, chunk_size, len(cols), dense)
         if use_spectral:
             sdesign = decompose(design.model, design.X, form)
@@ -697,7 +561,7 @@ def fit_batch(
         "n_obs": np.zeros(T, int),
         "spectral": np.zeros(T, bool),
     }
-    h2_info = _kernel_term_index(first.model)
+    h2_info = kernel_variance_index(first.model)
     if verbose and len(plan) > MAX_GROUPS_SHOWN:
         print(f"fit_batch: … {len(plan) - MAX_GROUPS_SHOWN} more groups (missingness patterns)")
     # Several missingness patterns on the spectral path: one program for all of them, each response's rotated

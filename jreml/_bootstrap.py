@@ -159,8 +159,8 @@ def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | str | None =
     if n_boot < 1:
         raise ValueError("n_boot must be >= 1")
     n_boot = int(n_boot)
-    form = spectral_form(fit.model)
-    spectral = takes_spectral_path(form, options)
+    spectral = takes_spectral_path(fit.model, options)
+    form = spectral_form(fit.model) if spectral else None
     Ystar = np.asarray(simulate(fit, n_boot, seed))
     opts = tuple(sorted(options.items()))
     if spectral:

@@ -14,23 +14,16 @@ from jax.errors import JaxRuntimeError
 from jaxtyping import Array, Float
 
 from ._backends.mme import mme_evaluate, mme_structure, prepare, static_block_diagonal
+from ._backends.select import choose
 from ._config import as_float_array, float_dtype
-from ._covariance.base import AbstractCovariance
-from ._covariance.compose import CustomMatrix
-from ._covariance.observed import ObservedRows, observation_count, observed_data
+from ._covariance.observed import observation_count, observed_data
+from ._covariance.queries import as_covariance, observed_mask
 from ._implicit import fitted_core, implicit_theta_mme
 from ._likelihood import DERIVATIVES, check_method, derivatives_at
 from ._result import FitResult
-from ._solvers.ai import AI
-from ._solvers.base import AbstractAlgorithm, free_mask
-from ._solvers.em import EM
-from ._solvers.fisher import Fisher
+from ._solvers import as_algorithm
+from ._solvers.base import free_mask
 from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STALLED, STATUS_MESSAGES, run
-from ._solvers.newton import Newton
-
-ALGORITHMS = {"ai": AI, "fisher": Fisher, "newton": Newton, "em": EM}
-BACKENDS = ("auto", "dense", "mme")
-_ALGORITHM_INSTANCES: dict = {}
 
 #: Lower bound of a variance, relative to the data's residual variance (θ is clipped there).
 BOUNDARY_RELATIVE_VARIANCE = 1e-14
@@ -39,17 +32,6 @@ SINGULAR_RELATIVE_VARIANCE = 1e-8
 
 # Incremented each time the fitting program is traced (tests check that vmap and refits compile once).
 TRACE_COUNT = [0]
-
-
-def _as_algorithm(algorithm) -> AbstractAlgorithm:
-    if isinstance(algorithm, AbstractAlgorithm):
-        return algorithm
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS)}, got {algorithm!r}")
-    instance = _ALGORITHM_INSTANCES.get(algorithm)
-    if instance is None:  # the step rules are stateless: one instance per name
-        instance = _ALGORITHM_INSTANCES[algorithm] = ALGORITHMS[algorithm]()
-    return instance
 
 
 def _is_traced(x) -> bool:
@@ -65,11 +47,11 @@ def _check_data(y, X, n_model: int, model=None):
         raise ValueError(f"X must be a 2-D design matrix with {n} rows (len(y)), got shape {X.shape}")
     if n_model != n:
         raise ValueError(f"the covariance model is {n_model}x{n_model} but y has {n} observations")
-    observed = None
-    if isinstance(model, ObservedRows):
-        if _is_traced(model.observed):  # which rows count is known only inside the program
+    observed = None if model is None else observed_mask(model)
+    if observed is not None:
+        if _is_traced(observed):  # which rows count is known only inside the program
             return
-        observed = np.asarray(model.observed)
+        observed = np.asarray(observed)
     n_obs = n if observed is None else int(observed.sum())
     if X.shape[1] >= n_obs:
         raise ValueError(f"X has {X.shape[1]} columns for {n_obs} observations: REML needs n > p")
@@ -368,24 +350,6 @@ def _model_info(model, split):
     return info
 
 
-def _resolve_backend(backend: str, mme_q, n: int, information: str, derivatives: str) -> str:
-    """The back end that runs: "mme" for Σ Z_j G_j Z_jᵀ + σ²I models (q < n for "auto"), else "dense"."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "mme" and mme_q is None:
-        raise ValueError(
-            'backend="mme" needs V = sum_j Z_j G_j Z_j^T + s2*I: a Sum of CovariancePropagation terms with a '
-            "DummyMatrix or constant Z and a Scalar/Diagonal/Unstructured/Identity/Kronecker G, plus one "
-            "ScalarMatrix(n) residual (and optionally KnownDiagonalMatrix(d) terms)"
-        )
-    # Fisher information and the explicit ∂V/∂θ modes need the n×n matrices: dense.
-    if backend == "dense" or mme_q is None or information == "fisher" or derivatives != "auto":
-        return "dense"
-    if backend == "auto" and mme_q >= n:
-        return "dense"
-    return "mme"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Second tries after a fit (``newton_fallback``, ``restart_edge``): decided in numpy on the first fit's results,
 # for one fit (``estimate``) or a batch of them (``refine_batch``, used by ``fit_batch`` and ``bootstrap``).
@@ -603,29 +567,15 @@ def estimate(
     Returns:
         :class:`FitResult`. Works under ``jax.vmap`` over ``y`` (or ``X``, ``theta0``): one compilation.
     """
-    if isinstance(algorithm, str) and algorithm == "hybrid":
-        from ._hybrid import hybrid_estimate  # _hybrid imports this module
-
-        return hybrid_estimate(
-            v_builder, y, X, theta0, method=method, derivatives=derivatives, dv_builder=dv_builder,
-            max_iter=max_iter, eta=eta, lb=lb, ub=ub, tol_score=tol_score, tol_delta=tol_delta,
-            tol_loglik=tol_loglik, check_score=check_score, check_delta=check_delta, check_loglik=check_loglik,
-            min_iter=min_iter, max_halvings=max_halvings, em_fallback=em_fallback, verbose=verbose, throw=throw,
-            backend=backend,
-        )  # fmt: skip
     reml = check_method(method)
-    algo = _as_algorithm(algorithm)
+    algo = as_algorithm(algorithm)
     if derivatives not in DERIVATIVES:
         raise ValueError(f"derivatives must be one of {DERIVATIVES}, got {derivatives!r}")
     y = _as_input(y, "y")
     if X is None:
         X = np.ones((y.shape[0], 1), y.dtype)
     X = _as_input(X, "X")
-    if not isinstance(v_builder, AbstractCovariance):
-        if theta0 is None:
-            raise ValueError("a plain function v_builder needs theta0 (its number of parameters is unknown)")
-        v_builder = CustomMatrix(v_builder, int(np.shape(theta0)[0]), shape=(y.shape[0], y.shape[0]))
-    model = v_builder
+    model = as_covariance(v_builder, theta0, y.shape[0])
     split = _split_model(model)
     model_leaves = split[2] if split is not None else jax.tree_util.tree_leaves(model)
     traced = any(_is_traced(a) for a in (y, X, theta0, lb, ub, eta, *model_leaves))
@@ -633,7 +583,7 @@ def estimate(
     if shape[0] != shape[1]:
         raise ValueError(f"the covariance model must be square, got shape {shape}")
     _check_data(y, X, shape[0], model)
-    if isinstance(model, ObservedRows) and derivatives == "analytic":
+    if observed_mask(model) is not None and derivatives == "analytic":
         raise ValueError('derivatives="analytic" does not apply to ObservedRows: use derivatives="auto"')
     if theta0 is not None:
         theta0 = _as_input(theta0, "theta0")
@@ -653,7 +603,7 @@ def estimate(
         em_plan = None
     if max_iter < 0 or max_halvings < 1 or min_iter < 0:
         raise ValueError("max_iter and min_iter must be >= 0 and max_halvings >= 1")
-    resolved_backend = _resolve_backend(backend, mme_q, shape[0], algo.information, derivatives)
+    resolved_backend = choose(backend, mme_q, shape[0], algo.information, derivatives).name
     mme_blocks = None
     if resolved_backend == "mme" and not any(_is_traced(a) for a in model_leaves):
         mme_blocks = static_block_diagonal(mme_structure(model))
@@ -721,7 +671,8 @@ def estimate(
     if concrete and restart_edge and needs_restart(model, algo.name, result.status, result.at_boundary):
         for kind in ("reset", "reflect"):
             if kind == "reset":
-                observed = np.asarray(model.observed)[None] if isinstance(model, ObservedRows) else None
+                mask = observed_mask(model)
+                observed = None if mask is None else np.asarray(mask)[None]
                 start = restart_theta(model, result.theta, y[None], X, observed)[0]
             else:
                 reflected, changed = reflected_theta(model, np.asarray(result.theta)[None], result.at_boundary[None])

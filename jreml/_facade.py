@@ -21,7 +21,7 @@ import numpy as np
 
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
-from ._estimate import estimate
+from ._entry import estimate
 
 SELECT = ("last", "best")
 

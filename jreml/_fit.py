@@ -8,7 +8,7 @@ import pandas as pd
 
 from ._covariance.compose import DummyMatrix
 from ._design.build import Design, _column_name, _unique_names, build_design
-from ._estimate import estimate
+from ._entry import estimate
 from ._result import FitResult, FormulaInfo, RandomTermInfo
 
 

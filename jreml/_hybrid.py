@@ -24,12 +24,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, Float, Int
 
 from ._config import as_float_array
-from ._covariance.base import AbstractCovariance
-from ._covariance.compose import CustomMatrix
+from ._covariance.queries import as_covariance
 from ._estimate import _check_data, _ols_residual_variance, _stop_gradient, estimate
 from ._likelihood import check_method
 from ._optax_fit import _minimize_jit, default_optimizer
@@ -43,9 +41,9 @@ if TYPE_CHECKING:  # optax is imported where it is used: it adds to `import jrem
 class HybridInfo(NamedTuple):
     """The optax phase of :func:`hybrid_estimate`.
 
-    ``optax_steps``: optimiser steps taken; ``optax_status``: 0 converged (‖∇‖ < ``optax_tol``), 1 step cap
-    reached, 2 non-finite objective; ``theta_optax``: θ after the optax phase; ``used_optax``: whether the AI
-    phase started there (False: it started from ``theta0``).
+    ``optax_steps``: optimiser steps taken; ``optax_status`` (``RESULTS``): 0 converged (‖∇‖ < ``optax_tol``),
+    1 step cap reached, 4 non-finite objective; ``theta_optax``: θ after the optax phase; ``used_optax``: whether
+    the AI phase started there (False: it started from ``theta0``).
     """
 
     optax_steps: Int[Array, ""]
@@ -101,11 +99,7 @@ def hybrid_estimate(
         raise ValueError(f"optax_steps must be >= 0, got {optax_steps}")
     y = as_float_array(y, "y")
     X = jnp.ones((y.shape[0], 1), y.dtype) if X is None else as_float_array(X, "X")
-    if not isinstance(v_builder, AbstractCovariance):
-        if theta0 is None:
-            raise ValueError("a plain function v_builder needs theta0 (its number of parameters is unknown)")
-        v_builder = CustomMatrix(v_builder, int(np.shape(theta0)[0]), shape=(y.shape[0], y.shape[0]))
-    model = v_builder
+    model = as_covariance(v_builder, theta0, y.shape[0])
     _check_data(y, X, model.shape[0], model)
     k = model.num_free_params
     if theta0 is None:

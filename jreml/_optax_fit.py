@@ -18,16 +18,14 @@ from typing import TYPE_CHECKING
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ._config import as_float_array
-from ._covariance.base import AbstractCovariance
-from ._covariance.compose import CustomMatrix
+from ._covariance.queries import as_covariance
 from ._estimate import _check_data, _ols_residual_variance, estimate
 from ._likelihood import check_method
 from ._profiled import ProfiledObjective, _profiled
 from ._result import FitResult
-from ._solvers.loop import CONVERGED, MAX_ITER, STALLED
+from ._solvers.results import RESULTS
 
 if TYPE_CHECKING:
     import optax
@@ -85,7 +83,11 @@ def _minimize(objective: ProfiledObjective, phi0, tol, max_steps, optimizer):
     steps, phi, _, value, grad = jax.lax.while_loop(cond, body, (start, phi0, state0, value0, grad0))
     norm = grad_norm(grad)
     finite = jnp.isfinite(value) & jnp.isfinite(norm)
-    status = jnp.where(finite & (norm < tol), CONVERGED, jnp.where(finite, MAX_ITER, STALLED))
+    status = jnp.where(
+        finite & (norm < tol),
+        int(RESULTS.CONVERGED),
+        jnp.where(finite, int(RESULTS.MAX_ITER), int(RESULTS.NONFINITE)),
+    )
     return phi, objective.to_theta(phi), steps, status
 
 
@@ -136,19 +138,15 @@ def fit_optax(
 
     Returns:
         :class:`FitResult` at θ̂, as :func:`jreml.estimate` computes it; ``n_iter`` counts optimiser steps and
-        ``status`` is 0 (converged), 1 (``max_steps`` reached) or 2 (non-finite objective). Works under
-        ``jax.vmap`` over ``y``.
+        ``status`` is ``RESULTS.CONVERGED`` (0), ``RESULTS.MAX_ITER`` (1, ``max_steps`` reached) or
+        ``RESULTS.NONFINITE`` (4, a non-finite objective). Works under ``jax.vmap`` over ``y``.
     """
     check_method(method)
     if max_steps < 0:
         raise ValueError(f"max_steps must be >= 0, got {max_steps}")
     y = as_float_array(y, "y")
     X = jnp.ones((y.shape[0], 1), y.dtype) if X is None else as_float_array(X, "X")
-    if not isinstance(v_builder, AbstractCovariance):
-        if theta0 is None:
-            raise ValueError("a plain function v_builder needs theta0 (its number of parameters is unknown)")
-        v_builder = CustomMatrix(v_builder, int(np.shape(theta0)[0]), shape=(y.shape[0], y.shape[0]))
-    model = v_builder
+    model = as_covariance(v_builder, theta0, y.shape[0])
     _check_data(y, X, model.shape[0], model)
     k = model.num_free_params
     if theta0 is None:
@@ -168,6 +166,6 @@ def fit_optax(
     result = eqx.tree_at(
         lambda r: (r.converged, r.n_iter, r.status),
         result,
-        (status == CONVERGED, steps.astype(result.n_iter.dtype), status.astype(result.status.dtype)),
+        (status == int(RESULTS.CONVERGED), steps.astype(result.n_iter.dtype), status.astype(result.status.dtype)),
     )
     return dataclasses.replace(result, algorithm="optax")

@@ -32,60 +32,14 @@ import math
 
 import equinox as eqx
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, Float
 
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
-from ._covariance.basic import (
-    AR1Matrix,
-    CompoundSymmetricMatrix,
-    DiagonalMatrix,
-    FixedMatrix,
-    KnownDiagonalMatrix,
-    ScalarMatrix,
-    UnstructuredMatrix,
-)
-from ._covariance.compose import CovariancePropagation, CustomMatrix, KroneckerProduct, Sum, _split
+from ._covariance.compose import Sum
+from ._covariance.queries import is_covariance, rescale_theta, residual_index
 from ._likelihood import check_method, core
-
-
-def rescale_theta(module: AbstractCovariance, theta, log_c):
-    """θ' with module(θ') = exp(log_c)·module(θ) (see the module docstring); ValueError if impossible."""
-    if isinstance(module, ScalarMatrix | DiagonalMatrix | FixedMatrix | KnownDiagonalMatrix):
-        return theta + log_c / module.transform.power
-    if isinstance(module, AR1Matrix | CompoundSymmetricMatrix):
-        return jnp.concatenate([theta[:1] + log_c / module.transform.power, theta[1:]])
-    if isinstance(module, UnstructuredMatrix):
-        diag = np.zeros(module.num_free_params, dtype=bool)
-        diag[list(module.transform.diagonal_positions)] = True
-        half = 0.5 * log_c
-        return jnp.where(jnp.asarray(diag), theta + half, theta * jnp.exp(half))
-    if isinstance(module, CovariancePropagation):
-        theta_z, theta_g = module.split(theta)
-        return jnp.concatenate([theta_z, rescale_theta(module.G, theta_g, log_c)])
-    if isinstance(module, KroneckerProduct):
-        theta_a, theta_b = module.split(theta)
-        if module.A.num_free_params:
-            return jnp.concatenate([rescale_theta(module.A, theta_a, log_c), theta_b])
-        return jnp.concatenate([theta_a, rescale_theta(module.B, theta_b, log_c)])
-    if isinstance(module, Sum):
-        parts = _split(theta, [t.num_free_params for t in module.terms])
-        return jnp.concatenate([rescale_theta(t, part, log_c) for t, part in zip(module.terms, parts, strict=True)])
-    kind = "a CustomMatrix" if isinstance(module, CustomMatrix) else type(module).__name__
-    raise ValueError(
-        f"cannot profile the residual variance: {kind} term {module.label or ''!r} cannot be rescaled by σ² "
-        "(use profile_scale=False to profile only β)"
-    )
-
-
-def _residual_index(model: AbstractCovariance) -> int | None:
-    """Index in ``model.terms`` of the last top-level ScalarMatrix of a Sum, or None."""
-    if not isinstance(model, Sum):
-        return None
-    found = [i for i, t in enumerate(model.terms) if isinstance(t, ScalarMatrix)]
-    return found[-1] if found else None
 
 
 class ProfiledObjective(eqx.Module):
@@ -109,12 +63,12 @@ class ProfiledObjective(eqx.Module):
     def num_params(self) -> int:
         return self.model.num_free_params - (1 if self.profiles_scale else 0)
 
-    def _residual(self) -> ScalarMatrix:
-        return self.model.terms[_residual_index(self.model)]
+    def _residual(self) -> AbstractCovariance:
+        return self.model.terms[residual_index(self.model)]
 
     def _rescale_others(self, phi, log_c):
         """Rescale the non-residual terms' θ entries (φ) by c = exp(log_c)."""
-        i = _residual_index(self.model)
+        i = residual_index(self.model)
         others = [t for j, t in enumerate(self.model.terms) if j != i]
         return rescale_theta(Sum(*others), phi, log_c) if others else phi
 
@@ -193,12 +147,12 @@ class ProfiledObjective(eqx.Module):
 def _profiled(v_builder, y, X, reml: bool, profile_scale: bool) -> ProfiledObjective:
     y = as_float_array(y, "y")
     X = jnp.ones((y.shape[0], 1), y.dtype) if X is None else as_float_array(X, "X")
-    if not isinstance(v_builder, AbstractCovariance):
+    if not is_covariance(v_builder):
         raise TypeError("profiled objectives need a covariance module (wrap plain functions in CustomMatrix)")
     if v_builder.shape != (y.shape[0], y.shape[0]):
         raise ValueError(f"the covariance model is {v_builder.shape} but y has {y.shape[0]} observations")
     position = None
-    index = _residual_index(v_builder) if profile_scale else None
+    index = residual_index(v_builder) if profile_scale else None
     if index is not None:
         position = sum(t.num_free_params for t in v_builder.terms[:index])
         # Fail now (not inside a trace) if some term cannot be rescaled.

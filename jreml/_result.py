@@ -16,10 +16,10 @@ import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 
 from ._covariance.base import AbstractCovariance
-from ._covariance.compose import DummyMatrix
-from ._covariance.observed import ObservedRows
+from ._covariance.queries import observed_mask
 from ._likelihood import core, trace_weight
-from ._solvers.loop import STATUS_MESSAGES, History
+from ._solvers.loop import History
+from ._solvers.results import status_message
 
 
 @dataclass(frozen=True)
@@ -112,37 +112,17 @@ def _json_float(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _term_parts(term, theta):
-    """(Z module, dense Z or None for a factor's incidence matrix, G(θ)) of one random term."""
-    theta_g = theta[term.offset : term.offset + term.G.num_free_params]
-    theta_z = theta[term.offset - term.Z.num_free_params : term.offset]
-    return term.Z, term.Z(theta_z) if not isinstance(term.Z, DummyMatrix) else None, term.G(theta_g)
-
-
-def _z_transpose(Z, z_dense, vector):
-    if z_dense is None:
-        summed = jax.ops.segment_sum(vector, Z.codes, num_segments=Z.n_levels)
-        return summed[1:] if Z.drop_first else summed
-    return z_dense.T @ vector
-
-
-def _z_times(Z, z_dense, u):
-    if z_dense is None:
-        full = jnp.concatenate([jnp.zeros((1,), u.dtype), u]) if Z.drop_first else u
-        return full[Z.codes]
-    return z_dense @ u
-
-
 @eqx.filter_jit
 def _random_effects(model, theta, p_y, X, beta, y):
     """BLUPs û = G Zᵀ P y of every Z·G·Zᵀ term, the conditional fitted values Xβ̂ + Σ_terms Z û (n,) and the
     conditional residuals y − fitted (n,)."""
     blups, fitted = {}, X @ beta
     for term in model.random_terms():
-        Z, z_dense, g = _term_parts(term, theta)
-        u = g @ _z_transpose(Z, z_dense, p_y)
+        theta_g = theta[term.offset : term.offset + term.G.num_free_params]
+        theta_z = theta[term.offset - term.Z.num_free_params : term.offset]
+        u = term.G(theta_g) @ term.Z.transpose_times(theta_z, p_y)
         blups[term.name] = u
-        fitted = fitted + _z_times(Z, z_dense, u)
+        fitted = fitted + term.Z.times(theta_z, u)
     return blups, fitted, y - fitted
 
 
@@ -224,8 +204,9 @@ class FitResult(eqx.Module):
     @property
     def nobs(self) -> int:
         """Observations the fit used: y's rows, or the observed ones of an ``ObservedRows`` model."""
-        if isinstance(self.model, ObservedRows):
-            counts = np.sum(np.asarray(self.model.observed), axis=-1)
+        observed = observed_mask(self.model)
+        if observed is not None:
+            counts = np.sum(np.asarray(observed), axis=-1)
             return int(counts) if counts.ndim == 0 else counts
         return self.y.shape[-1]
 
@@ -244,7 +225,7 @@ class FitResult(eqx.Module):
 
     @property
     def message(self) -> str:
-        return STATUS_MESSAGES.get(int(self.status), f"status {int(self.status)}")
+        return status_message(self.status)
 
     # --- BLUE / BLUP / predictions -------------------------------------------------------------------
     def _random_effects(self):
@@ -265,13 +246,14 @@ class FitResult(eqx.Module):
         out = {}
         weight = None
         for term in self.model.random_terms():
-            Z, z_dense, g = _term_parts(term, self.theta)
+            theta_g = self.theta[term.offset : term.offset + term.G.num_free_params]
+            theta_z = self.theta[term.offset - term.Z.num_free_params : term.offset]
             u = blups[term.name]
             if weight is None:
                 c = core(self.theta, self.y, self.X, self.model, self.method == "reml")
                 weight = trace_weight(c, reml=prediction_error)
-            z = z_dense if z_dense is not None else Z(jnp.zeros((0,), self.theta.dtype))
-            zg = z @ g
+            g = term.G(theta_g)
+            zg = term.Z(theta_z) @ g
             cond_var = jnp.diagonal(g) - jnp.sum(zg * (weight @ zg), axis=0)
             out[term.name] = (u, jnp.sqrt(jnp.maximum(cond_var, 0.0)))
         return out

@@ -36,24 +36,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
-from ._covariance.basic import FixedMatrix, ScalarMatrix
-from ._covariance.compose import CovariancePropagation, DummyMatrix, Sum
-from ._covariance.transforms import Exp
+from ._covariance.queries import SpectralForm, spectral_form
 from ._estimate import BOUNDARY_RELATIVE_VARIANCE, SINGULAR_RELATIVE_VARIANCE, _pseudo_inverse
 from ._likelihood import check_method
 from ._solvers.loop import CONVERGED, MAX_ITER, RUNNING, STALLED
 
 __all__ = ["SpectralForm", "SpectralFit", "spectral_form", "decompose", "fit_spectral", "fit_rotated", "fit_padded"]
-
-
-class SpectralForm(NamedTuple):
-    """A model V = σ²_k·K + σ²_e·I: the kernel, θ positions of the two variances and their transform powers."""
-
-    kernel: np.ndarray | None  # None in the compact designs fit_batch keeps per missingness pattern
-    kernel_index: int
-    residual_index: int
-    powers: tuple[float, float]  # (kernel, residual)
-    param_names: tuple[str, ...]
 
 
 class SpectralDesign(NamedTuple):
@@ -64,55 +52,6 @@ class SpectralDesign(NamedTuple):
     lam: np.ndarray
     Xt: np.ndarray
     base_theta: np.ndarray  # model.default_theta(1): θ for unit variances (start/bounds shift by log(scale)/power)
-
-
-def _exp_power(module) -> float | None:
-    transform = getattr(module, "transform", None)
-    return float(transform.power) if isinstance(transform, Exp) else None
-
-
-def _kernel_term(term: AbstractCovariance) -> float | None:
-    """The transform power of a one-variance linear term σ²·K (None if the term is not of that form)."""
-    if isinstance(term, FixedMatrix | ScalarMatrix):
-        return _exp_power(term)
-    if isinstance(term, CovariancePropagation) and term.Z.num_free_params == 0:
-        if isinstance(term.G, FixedMatrix | ScalarMatrix):
-            return _exp_power(term.G)
-    return None
-
-
-def kernel_on_rows(term: AbstractCovariance) -> np.ndarray:
-    """The known matrix of a one-variance term σ²·K (K, I, or Z·K·Zᵀ with a fixed Z) on the observations, in numpy
-    (no JAX operations: ``fit_batch`` calls this once per missingness pattern, and JAX would compile a new program
-    for every new shape)."""
-    inner = term.G if isinstance(term, CovariancePropagation) else term
-    K = np.asarray(inner.K, dtype=float) if isinstance(inner, FixedMatrix) else np.eye(inner.shape[0])
-    if not isinstance(term, CovariancePropagation):
-        return K
-    if isinstance(term.Z, DummyMatrix) and not term.Z.drop_first:
-        codes = np.asarray(term.Z.codes)
-        return K[np.ix_(codes, codes)]
-    z = np.asarray(term.Z(jnp.zeros((0,))), dtype=float)
-    return z @ K @ z.T
-
-
-def spectral_form(model: AbstractCovariance) -> SpectralForm | None:
-    """Return the :class:`SpectralForm` of ``model`` if it is σ²_k·K + σ²_e·I, else ``None``."""
-    if not isinstance(model, Sum) or len(model.terms) != 2:
-        return None
-    if any(t.num_free_params != 1 for t in model.terms):
-        return None
-    for e_index in (1, 0):
-        k_index = 1 - e_index
-        resid, term = model.terms[e_index], model.terms[k_index]
-        if not isinstance(resid, ScalarMatrix):
-            continue
-        p_e, p_k = _exp_power(resid), _kernel_term(term)
-        if p_e is None or p_k is None:
-            continue
-        kernel = kernel_on_rows(term)
-        return SpectralForm(kernel, k_index, e_index, (p_k, p_e), model.param_names)
-    return None
 
 
 def decompose(model: AbstractCovariance, X, form: SpectralForm | None = None) -> SpectralDesign:

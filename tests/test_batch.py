@@ -162,7 +162,7 @@ def test_low_rank_relationship_matrices_are_fitted_through_their_factor():
     and the same fits as separate dense jreml.fit calls; a full-rank K is left alone."""
     import jax.numpy as jnp
 
-    from jreml._batch import _low_rank_kernels
+    from jreml._backends.rewrites import low_rank_kernels as _low_rank_kernels
     from jreml._design.build import build_design
     from jreml._estimate import _mme_q
 

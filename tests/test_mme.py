@@ -17,7 +17,7 @@ from jreml._backends.mme import (
     prepare,
     static_block_diagonal,
 )
-from jreml._estimate import _resolve_backend
+from jreml._backends.select import choose
 from jreml._likelihood import core, derivatives_at
 from jreml.covariance import (
     CovariancePropagation,
@@ -158,6 +158,10 @@ def test_fisher_is_not_an_mme_information():
     model, y, X = example("dyestuff")
     with pytest.raises(ValueError, match="MME"):
         mme_evaluate(jnp.zeros(2), y, X, mme_structure(model), reml=True, information="fisher")
+
+
+def _resolve_backend(backend, q, n, information, derivatives):
+    return choose(backend, q, n, information, derivatives).name
 
 
 def test_backend_resolution():

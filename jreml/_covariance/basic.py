@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._config import as_float_array, float_dtype
-from .base import AbstractCovariance
+from .._config import as_float_array
+from .base import AbstractCovariance, AbstractKnownMatrix  # noqa: F401  (also imported from here)
 from .transforms import BoundedSigmoid, Exp, LogCholesky
 
 
@@ -31,22 +31,6 @@ def _check_labels(labels, m: int, what: str) -> tuple[str, ...] | None:
 
 def _label(labels, i: int) -> str:
     return labels[i] if labels is not None else str(i)
-
-
-class AbstractKnownMatrix(AbstractCovariance):
-    """A matrix without parameters (an identity, a fixed Z, a factor's incidence matrix): θ is empty."""
-
-    num_free_params = property(lambda self: 0)
-    scale_mask = property(lambda self: ())
-
-    def _local_names(self):
-        return ()
-
-    def build_params(self, theta):
-        return self._check_theta(theta)
-
-    def default_theta(self, variance):
-        return jnp.zeros((0,), float_dtype())
 
 
 class IdentityMatrix(AbstractKnownMatrix):

@@ -2,47 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
-from .._config import as_float_array, float_dtype
-from .base import AbstractCovariance, RandomTerm
-from .basic import AbstractKnownMatrix
-
-
-class ConstantMatrix(AbstractKnownMatrix):
-    """A known matrix with no parameters (what a plain array operand becomes: a fixed Z, a known K)."""
-
-    matrix: Float[Array, "r c"]
-    name: str | None = eqx.field(static=True, default=None)
-
-    def __init__(self, matrix, name: str | None = None):
-        matrix = as_float_array(matrix, "matrix")
-        if matrix.ndim != 2:
-            raise ValueError(f"a matrix operand must be 2-D, got shape {matrix.shape}")
-        self.matrix = matrix
-        self.name = name
-
-    shape = property(lambda self: self.matrix.shape)
-
-    def __call__(self, theta):
-        theta = self._check_theta(theta)
-        return self.matrix.astype(theta.dtype)
-
-
-def as_module(x, what: str = "operand") -> AbstractCovariance:
-    """A covariance module as is; a plain array becomes a :class:`ConstantMatrix`."""
-    if isinstance(x, AbstractCovariance):
-        return x
-    if callable(x) and not hasattr(x, "shape"):
-        raise TypeError(f"{what}: a plain function needs CustomMatrix(fn, num_free_params); got {x!r}")
-    return ConstantMatrix(x)
+from .._config import float_dtype
+from .base import (  # noqa: F401  (ConstantMatrix, Sum, as_module and _split are imported from here too)
+    AbstractCovariance,
+    AbstractKnownMatrix,
+    ConstantMatrix,
+    RandomTerm,
+    Sum,
+    _offset_blocks,
+    _prefixed,
+    _split,
+    as_module,
+)
 
 
 def _is_int(v) -> bool:
@@ -121,106 +101,20 @@ class DummyMatrix(AbstractKnownMatrix):
         onehot = jax.nn.one_hot(self.codes, self.n_levels, dtype=theta.dtype)
         return onehot[:, 1:] if self.drop_first else onehot
 
+    def times(self, theta, u):
+        """Z·u by a gather on the codes (no n×q matrix)."""
+        full = jnp.concatenate([jnp.zeros((1,), u.dtype), u]) if self.drop_first else u
+        return full[self.codes]
+
+    def transpose_times(self, theta, v):
+        """Zᵀ·v by a segment sum over the codes (no n×q matrix)."""
+        summed = jax.ops.segment_sum(v, self.codes, num_segments=self.n_levels)
+        return summed[1:] if self.drop_first else summed
+
     def mean_row_square_sum(self):
         if not self.drop_first:
             return jnp.asarray(1.0)
         return jnp.mean((self.codes != 0).astype(jnp.result_type(float)))
-
-
-def _offset_blocks(parts) -> tuple[tuple[int, int], ...]:
-    """The parts' ``cholesky_blocks`` in the θ of their concatenation."""
-    out, offset = [], 0
-    for part in parts:
-        out += [(offset + start, m) for start, m in part.cholesky_blocks]
-        offset += part.num_free_params
-    return tuple(out)
-
-
-def _split(theta, sizes: Sequence[int]):
-    offsets = np.cumsum([0, *sizes])
-    return [theta[offsets[i] : offsets[i + 1]] for i in range(len(sizes))]
-
-
-def _prefixed(module: AbstractCovariance, fallback: str) -> tuple[str, ...]:
-    names = module.param_names
-    if module.label:
-        return names
-    return tuple(f"{fallback}.{n}" for n in names)
-
-
-class Sum(AbstractCovariance):
-    """V(θ) = Σ_i term_i(θ_i): θ is the concatenation of the terms' parameters, in order.
-
-    Operands may be modules or plain arrays (fixed matrices). Unnamed terms are named ``term{i}``.
-    """
-
-    terms: tuple[AbstractCovariance, ...]
-    name: str | None = eqx.field(static=True, default=None)
-
-    def __init__(self, *terms, name: str | None = None):
-        if not terms:
-            raise ValueError("Sum needs at least one term")
-        flat = []
-        for t in terms:
-            t = as_module(t, "Sum term")
-            # Flatten unnamed nested sums so that A + B + C is one Sum with three terms.
-            if isinstance(t, Sum) and t.name is None:
-                flat.extend(t.terms)
-            else:
-                flat.append(t)
-        shapes = {t.shape for t in flat}
-        if len(shapes) != 1:
-            raise ValueError(f"Sum terms must all have the same shape, got {[t.shape for t in flat]}")
-        (shape,) = shapes
-        if shape[0] != shape[1]:
-            raise ValueError(f"Sum terms must be square covariance matrices, got shape {shape}")
-        self.terms = tuple(flat)
-        self.name = name
-
-    num_free_params = property(lambda self: sum(t.num_free_params for t in self.terms))
-    shape = property(lambda self: self.terms[0].shape)
-    scale_mask = property(lambda self: sum((t.scale_mask for t in self.terms), ()))
-
-    @property
-    def cholesky_blocks(self):
-        return _offset_blocks(self.terms)
-
-    def __call__(self, theta):
-        theta = self._check_theta(theta)
-        parts = _split(theta, [t.num_free_params for t in self.terms])
-        total = self.terms[0](parts[0])
-        for term, part in zip(self.terms[1:], parts[1:], strict=True):
-            total = total + term(part)
-        return total
-
-    def _local_names(self):
-        names = sum((_prefixed(t, f"term{i}") for i, t in enumerate(self.terms)), ())
-        if len(set(names)) != len(names):
-            names = sum((tuple(f"term{i}.{n}" for n in t.param_names) for i, t in enumerate(self.terms)), ())
-        return names
-
-    def build_params(self, theta):
-        theta = self._check_theta(theta)
-        parts = _split(theta, [t.num_free_params for t in self.terms])
-        built = [t.build_params(p) for t, p in zip(self.terms, parts, strict=True)]
-        return jnp.concatenate(built) if built else theta
-
-    def default_theta(self, variance):
-        with_params = [t for t in self.terms if t.num_free_params > 0]
-        share = variance / max(len(with_params), 1)
-        return jnp.concatenate([t.default_theta(share) for t in self.terms])
-
-    def em_plan(self):
-        plans = [t.em_plan() for t in self.terms]
-        return None if any(p is None for p in plans) else sum(plans, ())
-
-    def random_terms(self, offset: int = 0):
-        out = []
-        for i, term in enumerate(self.terms):
-            for rt in term.random_terms(offset):
-                out.append(rt if rt.name else rt._replace(name=f"term{i}"))
-            offset += term.num_free_params
-        return tuple(out)
 
 
 class CovariancePropagation(AbstractCovariance):

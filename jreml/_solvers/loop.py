@@ -25,8 +25,9 @@ from jaxtyping import Array, Bool, Float, Int
 from .._backends.mme import mme_evaluate
 from .._likelihood import core, derivatives_at
 from .base import AbstractAlgorithm, em_direction, free_mask, projected_solve
+from .results import RESULTS
 
-RUNNING, CONVERGED, MAX_ITER, STALLED, INVALID_START = -1, 0, 1, 2, 3
+RUNNING, CONVERGED, MAX_ITER, STALLED, INVALID_START = (int(r) for r in RESULTS if r != RESULTS.NONFINITE)
 #: Largest change of a log-variance in one iteration (before the step length η).
 MAX_LOG_STEP = 5.0
 #: Largest step (−d) of a log-variance that is taken along the variance-scale arc (see ``run``).
@@ -41,17 +42,8 @@ IDLE_LIMIT = 5
 CRAWL_WINDOW = 10
 #: AI or Fisher steps halved this many times or more throughout CRAWL_WINDOW iterations also end the loop (``run``).
 HALVED_STEP = 8
-STATUS_MESSAGES = {
-    CONVERGED: "converged",
-    MAX_ITER: "did not converge: max_iter iterations reached",
-    STALLED: (
-        "stopped: no step (step-halving, EM) increased the log-likelihood while the convergence tests still failed"
-    ),
-    INVALID_START: (
-        "V(theta0) is not positive definite (its Cholesky factorisation failed) or the log-likelihood is "
-        "not finite at the starting values; check the data for NaN/inf and pass another theta0"
-    ),
-}
+#: The message of each code the loop ends with (``RESULTS``).
+STATUS_MESSAGES = {code: RESULTS(code).message for code in (CONVERGED, MAX_ITER, STALLED, INVALID_START)}
 
 
 class Evaluation(NamedTuple):

@@ -1,0 +1,113 @@
+"""The one decision point: which back end evaluates a model (``select_backend``).
+
+Every entry point asks it — ``estimate`` (and so ``fit``), ``fit_batch``, ``bootstrap`` and the batch memory
+estimate — so a model runs on the same back end whichever way it is fitted, and a new back end is added here and in
+its structure query only (see docs/architecture.md, "Adding a back end").
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+from .._covariance.base import AbstractCovariance
+from .._covariance.queries import spectral_terms
+from .._solvers import as_algorithm
+from .mme import mme_structure
+
+#: The ``backend=`` values of ``estimate`` and ``fit``.
+BACKENDS = ("auto", "dense", "mme")
+
+#: Options the spectral path of ``fit_batch``/``bootstrap`` has; a batch given any other option (even at its
+#: default value) runs on the general loop instead, whose defaults it then gets.
+SPECTRAL_OPTIONS = frozenset({"max_iter", "max_halvings", "min_iter", "tol_score", "tol_delta", "tol_loglik"})
+
+_MME_FORM = (
+    'backend="mme" needs V = sum_j Z_j G_j Z_j^T + s2*I: a Sum of CovariancePropagation terms with a '
+    "DummyMatrix or constant Z and a Scalar/Diagonal/Unstructured/Identity/Kronecker G, plus one "
+    "ScalarMatrix(n) residual (and optionally KnownDiagonalMatrix(d) terms)"
+)
+
+
+class BackendChoice(NamedTuple):
+    """The back end that evaluates a model, and why.
+
+    ``name``: "dense" (Cholesky of the n×n V, O(n³) per evaluation), "mme" (the mixed-model equations, q×q
+    factors, O(n·q² + q³)) or "spectral" (one eigendecomposition of the kernel, then O(n·p²) per evaluation; batches
+    only). ``q``: the number of random effects of the mixed-model-equations form (None without that form).
+    """
+
+    name: Literal["dense", "mme", "spectral"]
+    reason: str
+    q: int | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.name == "dense"
+
+
+def choose(
+    backend: str,
+    q: int | None,
+    n: int,
+    information: str,
+    derivatives: str,
+    spectral: bool = False,
+    batch_options=None,
+) -> BackendChoice:
+    """``select_backend``'s rules on what it has found out about the model (``q`` from ``mme_structure``,
+    ``spectral`` from ``spectral_terms``), for callers that cache those (``estimate``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "mme" and q is None:
+        raise ValueError(_MME_FORM)
+    if batch_options is not None and spectral and set(batch_options) <= SPECTRAL_OPTIONS:
+        return BackendChoice("spectral", "V = s2_k*K + s2_e*I fitted in batches: one eigendecomposition of K", q)
+    if backend == "dense":
+        return BackendChoice("dense", 'backend="dense" was asked for', q)
+    if information == "fisher":
+        return BackendChoice("dense", "the Fisher information needs the n x n matrices dV/dtheta", q)
+    if derivatives != "auto":
+        return BackendChoice("dense", f'derivatives="{derivatives}" builds the n x n matrices dV/dtheta', q)
+    if q is None:
+        return BackendChoice("dense", "the model is not sum_j Z_j G_j Z_j^T + residual with fixed Z_j", q)
+    if backend == "auto" and q >= n:
+        return BackendChoice("dense", f"q = {q} random effects for n = {n} observations (q >= n)", q)
+    why = 'backend="mme" was asked for' if backend == "mme" else f"q = {q} random effects < n = {n} observations"
+    return BackendChoice("mme", why, q)
+
+
+def select_backend(
+    model: AbstractCovariance,
+    *,
+    backend: str = "auto",
+    algorithm="ai",
+    derivatives: str = "auto",
+    batch_options: dict | None = None,
+) -> BackendChoice:
+    """The back end that ``estimate``, ``fit``, ``fit_batch`` and ``bootstrap`` use for ``model``.
+
+    Rules, in order (the first that applies decides):
+
+    1. ``backend`` must be "auto", "dense" or "mme"; "mme" for a model without that form is an error.
+    2. In a batch (``batch_options``: the options given to ``fit_batch`` or ``bootstrap``, ``None`` for a single
+       fit), a model V = σ²_k·K + σ²_e·I runs on the **spectral** path, unless an option outside
+       ``SPECTRAL_OPTIONS`` is given (the spectral fit has no such option).
+    3. ``backend="dense"``, ``algorithm="fisher"`` (the expected information needs every ∂V/∂θ as an n×n
+       matrix) and ``derivatives`` other than "auto" run **dense**.
+    4. A model Σ_j Z_j G_j Z_jᵀ + σ²I (+ known diagonals) with fixed Z_j and q = Σ q_j random effects runs on the
+       **mixed-model equations** when q < n (or whenever ``backend="mme"``).
+    5. Anything else runs **dense**.
+
+    Args:
+        model: the covariance model (n×n).
+        backend, algorithm, derivatives: the options of the same names of :func:`jreml.estimate`.
+        batch_options: the options of a batched fit (``fit_batch``, ``bootstrap``), or None for a single fit.
+
+    Returns:
+        :class:`BackendChoice` (``name``, ``reason``, ``q``).
+    """
+    structure = mme_structure(model)
+    q = None if structure is None else structure.q
+    spectral = batch_options is not None and spectral_terms(model) is not None
+    information = as_algorithm(algorithm).information
+    return choose(backend, q, model.shape[0], information, derivatives, spectral, batch_options)
