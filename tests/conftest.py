@@ -1,17 +1,58 @@
-"""Test configuration: float64 on (importing jreml does it) and strict dtype promotion."""
+"""Test configuration: float64 on (importing jreml does it) and strict dtype promotion; one OpenBLAS thread and a
+compilation cache shared by the test processes; the reference data, and their perturbation for the portability run
+(``test_portability.py``)."""
 
 import json
+import os
 import pathlib
 import re
 
-import jax
-import pytest
+REPOSITORY = pathlib.Path(__file__).parent.parent
 
-import jreml  # noqa: F401  (turns on float64)
+# Set before SciPy's OpenBLAS loads (jaxlib's first LAPACK call) and inherited by the subprocesses the tests start
+# (notebook kernels, the float32 and portability runs). One OpenBLAS thread: the suite runs one worker per core,
+# and OpenBLAS's spin-waiting threads slow small factorisations many times over on a machine that is already busy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# One persistent compilation cache for the run's worker processes and subprocesses: each module frees its
+# compiled programs (below) and each process compiles its own, so the same fitting programs would otherwise be
+# compiled again and again. Deleting the folder only costs compile time; ``JAX_COMPILATION_CACHE_DIR`` overrides it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPOSITORY / ".pytest_cache" / "jax-compilation-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+import jreml  # noqa: E402, F401  (turns on float64)
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+# (again, in case a plugin imported jax before the variables were set)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 REFERENCE_DIR = pathlib.Path(__file__).parent / "reference"
+
+#: Relative perturbation of every response the tests marked ``numerics`` read (``JREML_TEST_PERTURBATION``, 0 by
+#: default): ``test_portability.py`` reruns them with y·(1 + 1e-15) on another BLAS kernel set and thread count, a
+#: proxy for another machine's rounding.
+PERTURBATION = float(os.environ.get("JREML_TEST_PERTURBATION", "0"))
+
+
+def perturbed(y):
+    """y·(1 + ``PERTURBATION``): unchanged (the same object) unless the portability run sets it."""
+    if not PERTURBATION:
+        return y
+    return np.asarray(y, dtype=float) * (1.0 + PERTURBATION)
+
+
+def read_reference_data(name: str) -> pd.DataFrame:
+    """``tests/reference/{name}.csv`` (the simulated data sets with lme4 fits), its responses y* ``perturbed``."""
+    data = pd.read_csv(REFERENCE_DIR / f"{name}.csv")
+    if PERTURBATION:
+        responses = [c for c in data.columns if c.startswith("y") and data[c].dtype.kind == "f"]
+        data[responses] = data[responses] * (1.0 + PERTURBATION)
+    return data
 
 # The bundled examples (``jreml.example(name)``) with their lme4 reference case (``load_reference(case)``).
 REFERENCE_CASES = {
