@@ -18,6 +18,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # compiled again and again. Deleting the folder only costs compile time; ``JAX_COMPILATION_CACHE_DIR`` overrides it.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPOSITORY / ".pytest_cache" / "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# LLVM at level 0, as the `jreml` command compiles: the suite's programs are small and run for milliseconds, so
+# optimising their machine code costs more than it saves. The portability run (test_portability.py) compiles at
+# XLA's default level, so the numerically sensitive tests also meet the other code generation's rounding.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -29,7 +34,9 @@ import jreml  # noqa: E402, F401  (turns on float64)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 # (again, in case a plugin imported jax before the variables were set)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+)
 
 REFERENCE_DIR = pathlib.Path(__file__).parent / "reference"
 
@@ -53,6 +60,7 @@ def read_reference_data(name: str) -> pd.DataFrame:
         responses = [c for c in data.columns if c.startswith("y") and data[c].dtype.kind == "f"]
         data[responses] = data[responses] * (1.0 + PERTURBATION)
     return data
+
 
 # The bundled examples (``jreml.example(name)``) with their lme4 reference case (``load_reference(case)``).
 REFERENCE_CASES = {
@@ -79,11 +87,46 @@ def reference():
     return load_reference
 
 
+#: Memory mappings of this process above which a finished test module's compiled programs are freed.
+MAPPING_LIMIT = 30_000
+
+
+def _mapping_count() -> int | None:
+    try:
+        with open("/proc/self/maps", "rb") as fh:
+            return sum(1 for _ in fh)
+    except OSError:
+        return None
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-    """Free each test module's compiled programs: every XLA CPU executable holds memory mappings, and the whole
-    suite in one process would otherwise pass the kernel's vm.max_map_count (65,530) and abort inside XLA."""
+    """Free the compiled programs after a test module when the process holds many memory mappings: every XLA CPU
+    executable holds some, and a worker that kept them all would pass the kernel's vm.max_map_count (65,530) and
+    abort inside XLA. Below the limit they are kept, so the next modules reuse them (where the count cannot be
+    read, they are always freed)."""
     yield
-    from jreml._estimate import clear_caches
+    count = _mapping_count()
+    if count is None or count > MAPPING_LIMIT:
+        from jreml._estimate import clear_caches
 
-    clear_caches()
+        clear_caches()
+
+
+#: The longest test modules (most of the suite's time), started first so that the workers finish together.
+LONGEST_MODULES = (
+    "test_mme.py",
+    "test_implicit.py",
+    "test_batch.py",
+    "test_estimate.py",
+    "test_observed.py",
+    "test_portability.py",
+    "test_likelihood.py",
+    "test_fit_formula.py",
+    "test_spectral.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
