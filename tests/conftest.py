@@ -19,8 +19,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPOSITORY / ".pytest_cache" / "jax-compilation-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 # LLVM at level 0, as the `jreml` command compiles: the suite's programs are small and run for milliseconds, so
-# optimising their machine code costs more than it saves. The portability run (test_portability.py) compiles at
-# XLA's default level, so the numerically sensitive tests also meet the other code generation's rounding.
+# optimising their machine code costs more than it saves.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 

@@ -257,7 +257,6 @@ print("ok")
 """
 
 
-@pytest.mark.numerics
 def test_float32_converges_with_the_default_tolerances():
     """The loop's convergence tests are floored at the dtype's rounding level: in float32 the default tolerances
     lie below it, and every fit (even sleepstudy) ran to max_iter (200 iterations); also the MME back end with a
