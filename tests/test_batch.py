@@ -4,7 +4,7 @@ import equinox as eqx
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REFERENCE_DIR, load_reference
+from conftest import load_reference, read_reference_data
 
 import jreml
 from jreml._batch import fit_batch
@@ -135,7 +135,9 @@ def test_dense_vmapped_path_sleepstudy(capsys):
         np.testing.assert_allclose(out.loglik[j], float(single.loglik), rtol=0, atol=1e-8)
         np.testing.assert_allclose(out.params[j], single.natural_params, rtol=1e-7, atol=1e-9)
         np.testing.assert_allclose(out.beta[j], single.beta, rtol=1e-8)
-        assert out.n_iter[j] == int(single.n_iter) and out.converged[j] == bool(single.converged)
+        # a vmapped lane rounds as its own fit up to the BLAS kernels' order of operations: a convergence test within
+        # rounding of its tolerance may pass one iteration apart
+        assert abs(int(out.n_iter[j]) - int(single.n_iter)) <= 1 and out.converged[j] == bool(single.converged)
 
 
 def _two_kernel_data(n=120, rank=8, n_groups=10, T=3, seed=5):
@@ -295,6 +297,7 @@ def test_one_full_rank_kernel_is_fitted_in_its_eigenbasis(capsys):
         np.testing.assert_allclose(out.se_beta[j], np.asarray(single.se_beta), rtol=1e-6)
 
 
+@pytest.mark.numerics
 def test_singular_random_slope_traits_get_the_second_tries_of_single_fits(monkeypatch):
     """fit_batch applies ``estimate``'s Newton fallback and restart at the edge to the responses that need them
     (``refine_batch``): each response's fit is the one ``jreml.fit`` keeps on its own (here, lme4's optimum). On
@@ -310,7 +313,7 @@ def test_singular_random_slope_traits_get_the_second_tries_of_single_fits(monkey
         return first_fit(model, Yc, X, method, options, theta0, observed)
 
     monkeypatch.setattr(batch_module, "_dense_batch", recording)
-    data = pd.read_csv(REFERENCE_DIR / "singular_sleepstudy.csv")
+    data = read_reference_data("singular_sleepstudy")
     lme4 = load_reference("singular_sleepstudy")["fits"]
     names = ["y2", "y20", "y50", "y54", "y3", "y7"]  # four that need a second try, two that do not
     batch = fit_batch("y ~ Days + (Days | Subject)", data, names)

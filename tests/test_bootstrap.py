@@ -58,7 +58,9 @@ def test_chunk_size_does_not_change_the_refits():
         other = bootstrap(fit, 20, seed=1, chunk_size=chunk_size)
         np.testing.assert_allclose(other.loglik, auto.loglik, rtol=0, atol=1e-9)
         np.testing.assert_allclose(other.params, auto.params, rtol=1e-9)
-        np.testing.assert_array_equal(other.n_iter, auto.n_iter)
+        # another chunk width may round differently (batched kernels): a convergence test within rounding of its
+        # tolerance may then pass one iteration apart
+        assert np.abs(other.n_iter - auto.n_iter).max() <= 1
     for bad in (0, "fast"):
         with pytest.raises(ValueError, match="chunk_size"):
             bootstrap(fit, 5, chunk_size=bad)

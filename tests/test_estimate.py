@@ -9,9 +9,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 import pytest
-from conftest import REFERENCE_DIR
+from conftest import perturbed, read_reference_data
 
 import jreml
 from jreml._estimate import TRACE_COUNT
@@ -29,13 +28,14 @@ def boundary_data(seed: int, groups: int = 6, per_group: int = 5):
     rng = np.random.default_rng(seed)
     e = rng.normal(size=(groups, per_group)) * (1 + seed)
     e -= e.mean(axis=1, keepdims=True)
-    y = (10.0 + e).ravel()
+    y = perturbed((10.0 + e).ravel())
     g = np.repeat([f"g{i}" for i in range(groups)], per_group)
     n = y.size
     model = CovariancePropagation(DummyMatrix(g), ScalarMatrix(groups), name="g") + ScalarMatrix(n, name="Residual")
     return model, y, np.ones((n, 1))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("algorithm", ["ai", "newton"])
 def test_zero_variance_converges_to_the_boundary(seed, algorithm):
@@ -195,13 +195,14 @@ def test_bad_input_gets_a_clear_error(kwargs, match):
         jreml.estimate(ex.model, y, X if y.shape[0] == X.shape[0] or "X" in kwargs else np.ones((y.size, 1)), **args)
 
 
+@pytest.mark.numerics
 def test_unstructured_boundary_correlation_model_reports_singular():
     # Random slopes with no slope variation: the slope variance estimate is at its boundary.
     rng = np.random.default_rng(3)
     m, per = 8, 6
     g = np.repeat(np.arange(m), per)
     x = np.tile(np.arange(per, dtype=float), m)
-    y = 5 + 0.5 * x + rng.normal(size=m)[g] * 2 + rng.normal(size=m * per)
+    y = perturbed(5 + 0.5 * x + rng.normal(size=m)[g] * 2 + rng.normal(size=m * per))
     Z = np.zeros((m * per, 2 * m))
     Z[np.arange(m * per), 2 * g] = 1.0
     Z[np.arange(m * per), 2 * g + 1] = x
@@ -285,7 +286,7 @@ def test_compiler_options_apply_to_top_level_fits_only():
 def singular_sleepstudy(reference):
     """60 simulated random-slope responses (46 singular fits in lme4) and lme4's REML fits of each; all fitted once
     with the default AI algorithm (one compiled program)."""
-    data = pd.read_csv(REFERENCE_DIR / "singular_sleepstudy.csv")
+    data = read_reference_data("singular_sleepstudy")
     lme4 = reference("singular_sleepstudy")["fits"]
     fits = {}
     with warnings.catch_warnings():
@@ -295,6 +296,7 @@ def singular_sleepstudy(reference):
     return fits, lme4
 
 
+@pytest.mark.numerics
 def test_singular_random_slope_fits_reach_lme4(singular_sleepstudy):
     # Random intercept and slope, G = L Lᵀ (log-Cholesky): at a singular fit G sits on the boundary of the positive
     # semidefinite cone. Before the Levenberg–Marquardt trust region, the secant curvature, the Newton fallback and
@@ -312,9 +314,10 @@ def test_singular_random_slope_fits_reach_lme4(singular_sleepstudy):
             np.testing.assert_allclose(fit.natural_params, lme4_params, rtol=0, atol=2e-3 * ref["vcov"][3])
 
 
+@pytest.mark.numerics
 def test_second_tries_are_counted_and_can_be_switched_off(singular_sleepstudy):
     fits, lme4 = singular_sleepstudy
-    data = pd.read_csv(REFERENCE_DIR / "singular_sleepstudy.csv")
+    data = read_reference_data("singular_sleepstudy")
     fit = fits["y50"]  # a correlation of the wrong sign at a zero variance: the restart finds lme4's optimum
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -323,11 +326,12 @@ def test_second_tries_are_counted_and_can_be_switched_off(singular_sleepstudy):
     assert fit.algorithm in ("ai", "ai+newton")
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_singular_three_by_three_covariances_reach_lme4(reference):
     # Random intercept and two slopes, G 3×3 of rank 0–3: before the second tries and the loop's changes, 37 of
     # these 60 fits did not converge and 29 ended below lme4, by up to 21.5.
-    data = pd.read_csv(REFERENCE_DIR / "singular_slopes3.csv")
+    data = read_reference_data("singular_slopes3")
     lme4 = reference("singular_slopes3")["fits"]
     gaps, unconverged = {}, []
     with warnings.catch_warnings():
@@ -342,6 +346,7 @@ def test_singular_three_by_three_covariances_reach_lme4(reference):
     assert not below, below
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_crawls_end_early_and_the_second_tries_finish_them(reference):
     """Two crawls of AI on singular_slopes3, each ended by the loop and finished by Newton and the restarts.
@@ -349,19 +354,25 @@ def test_crawls_end_early_and_the_second_tries_finish_them(reference):
     Newton) crawled along that ridge, ℓ rising by 1e-11 per iteration: AI stalled after 134 iterations, the whole fit
     took 332. The loop now stops once ℓ gains less than tol_loglik in CRAWL_WINDOW iterations. y34: a diagonal and
     the entry below it head to 0 together, and AI's steps needed 2⁻⁸–2⁻¹⁵ halvings for 120 iterations (163 in all,
-    193 with Newton's). The loop now also stops AI after CRAWL_WINDOW steps halved HALVED_STEP times or more."""
-    from jreml._design.build import build_design
-    from jreml._solvers.loop import CRAWL_WINDOW, STALLED
+    193 with Newton's). The loop now also stops AI after CRAWL_WINDOW steps halved HALVED_STEP times or more.
 
-    data = pd.read_csv(REFERENCE_DIR / "singular_slopes3.csv")
+    Where on the ridge a crawl stops (its ℓ, its iteration count to the unit) depends on the rounding of the CPU's
+    BLAS kernels, so the test asserts what the rules promise: the crawl ends well before max_iter, ℓ never falls on
+    the way, and the second tries end converged at lme4's optimum or above it."""
+    from jreml._design.build import build_design
+    from jreml._solvers.loop import CONVERGED, CRAWL_WINDOW, STALLED
+
+    data = read_reference_data("singular_slopes3")
     lme4 = reference("singular_slopes3")["fits"]
-    # name: (ℓ where AI's crawl was, most AI iterations, most iterations in all, lme4 below the fit by at least)
-    cases = {"y5": (-154.216845775, 4 * CRAWL_WINDOW, 120, 3e-3), "y34": (-337.427837409, 6 * CRAWL_WINDOW, 150, -1e-6)}
-    for name, (crawl_loglik, most_ai, most, margin) in cases.items():
+    # name: (most AI iterations, most iterations in all, lme4 below the fit by at least)
+    cases = {"y5": (4 * CRAWL_WINDOW, 120, 3e-3), "y34": (6 * CRAWL_WINDOW, 150, -1e-6)}
+    for name, (most_ai, most, margin) in cases.items():
         design = build_design(f"{name} ~ x1 + x2 + (x1 + x2 | g)", data)
         first = jreml.estimate(design.model, design.y, design.X, newton_fallback=False, restart_edge=False)
-        assert int(first.status) == STALLED and int(first.n_iter) <= most_ai, (name, int(first.n_iter))
-        assert abs(float(first.loglik) - crawl_loglik) < 1e-8, name
+        assert int(first.status) in (STALLED, CONVERGED) and int(first.n_iter) <= most_ai, (name, int(first.n_iter))
+        path = np.asarray(first.history.loglik[: int(first.n_iter) + 1])
+        assert np.all(np.diff(path) >= -8 * np.finfo(float).eps * (1 + np.abs(path[:-1]))), name
         fit = jreml.estimate(design.model, design.y, design.X)
         assert bool(fit.converged) and int(fit.n_iter) < most, (name, int(fit.n_iter), fit.algorithm)
         assert float(fit.loglik) > lme4[name]["loglik"] + margin, name
+        assert float(fit.loglik) >= float(first.loglik) - 1e-9, name

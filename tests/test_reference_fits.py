@@ -4,15 +4,18 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import REFERENCE_CASES, load_reference
+from conftest import REFERENCE_CASES, load_reference, perturbed
 
 import jreml
+
+# lme4's optima, reached from data perturbed at the level of rounding in the portability run
+pytestmark = pytest.mark.numerics
 
 
 @functools.cache
 def fitted(name: str, method: str):
     ex = jreml.example(name)
-    return ex, jreml.estimate(ex.model, ex.y, ex.X, method=method)
+    return ex, jreml.estimate(ex.model, perturbed(ex.y), ex.X, method=method)
 
 
 def lme4_components(block: dict) -> dict[str, float]:
@@ -112,7 +115,7 @@ def test_predictions_and_residuals_are_consistent():
 def test_kinship_traits(trait):
     ref = load_reference("kinship_visible")["traits"][trait]
     ex = jreml.example("kinship", trait=trait)
-    fit = jreml.estimate(ex.model, ex.y, ex.X)
+    fit = jreml.estimate(ex.model, perturbed(ex.y), ex.X)
     assert bool(fit.converged)
     s2g, s2e = float(fit.params["g.variance"]), float(fit.params["Residual.variance"])
     np.testing.assert_allclose(s2g, ref["s2g"], rtol=1e-5)
