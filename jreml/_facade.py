@@ -233,7 +233,7 @@ class REML:
         ``history["theta"][-1]`` is θ̂. ``ai`` is the information matrix of the fit's algorithm (the average
         information by default). The complete per-iterate record is ``result.history``.
         """
-        h, n = self.result.history, int(self.result.n_iter)
+        h, n = self.result.history, self._recorded()
         theta, step = np.asarray(h.theta)[: n + 1], np.asarray(h.step)[: n + 1]
         beta, loglik = np.asarray(h.beta)[:n], np.asarray(h.loglik)[:n]
         score, ai = np.asarray(h.score)[:n], np.asarray(h.information)[:n]
@@ -248,10 +248,22 @@ class REML:
             "update": list(step[1:]),
         }
 
+    def _recorded(self) -> int:
+        """The last row of ``result.history`` that holds an iterate: ``n_iter``, except after estimate's Newton
+        fallback ("ai+newton"), whose n_iter counts both runs while the history is the Newton run's alone; its
+        last iterate is θ̂ itself."""
+        r = self.result
+        theta = np.asarray(r.history.theta)
+        n = min(int(r.n_iter), theta.shape[0] - 1)
+        final = np.asarray(r.theta)
+        while n > 0 and not np.array_equal(theta[n], final):
+            n -= 1
+        return n
+
     def _row(self, select: str) -> int:
         if select not in SELECT:
             raise ValueError(f"select must be one of {SELECT}, got {select!r}")
-        n_iter = int(self.result.n_iter)
+        n_iter = self._recorded()
         if select == "last":
             return n_iter
         # argmax takes the first of equal values: the earliest iterate with the highest log-likelihood.

@@ -1,6 +1,7 @@
 """The torch_openreml-style facade ``REML``: same fits as ``jreml.estimate``, torch_openreml's documented calls
 (its REML vignette, github.com/anu-aagi/torch-openreml docs/source/vig/vig_reml.rst), plain functions, errors."""
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -141,6 +142,18 @@ def test_history_is_a_dict_of_per_iteration_lists(module_fit):
     assert np.all(np.diff(logliks) >= -1e-8)  # the loop only accepts steps that do not decrease ℓ
 
 
+def test_history_after_the_newton_fallback(module_fit):
+    """estimate's Newton fallback reports n_iter of both runs with the Newton run's history: the lists stop at
+    the last recorded iterate, θ̂ (here simulated by adding 3 to n_iter of the fit)."""
+    reml, (theta, beta, n_iter) = module_fit
+    combined = REML(v_builder=reml.v_builder)
+    combined._result = dataclasses.replace(reml.result, n_iter=reml.result.n_iter + 3, algorithm="ai+newton")
+    assert {len(v) for v in combined.history.values()} == {n_iter}
+    np.testing.assert_array_equal(combined.history["theta"][-1], theta)
+    np.testing.assert_array_equal(combined.get_theta("last"), theta)
+    np.testing.assert_array_equal(combined.get_beta("last"), beta)
+
+
 def test_verbose_1_counts_iterations(example, capfd):
     """verbose=1: an iteration counter and torch_openreml's closing line, no bar scaled to max_iter."""
     REML(v_builder=example.model).optimize(example.y, example.X, None, verbose=1)
@@ -265,6 +278,119 @@ def test_torch_openreml_john_alpha_example_runs_unchanged(capfd):
     # lme4: σ²_gen 0.1429, σ²_rep:block 0.0702, σ²_residual 0.0816 (REML)
     np.testing.assert_allclose(namespace["V"].build_params(namespace["theta_hat"]), [0.1429, 0.0702, 0.0816], atol=1e-4)
     assert len(namespace["scores"]) == len(namespace["logliks"]) == n_iter
+
+
+# The code of torch_openreml's vignette sections "Running the optimiser" to "Evaluating the log-likelihood"
+# (vig_reml.rst), concatenated and verbatim below the imports; torch.randn draws from a seeded NumPy generator.
+OPENREML_VIGNETTE_IMPORTS = """\
+import types
+
+import jax.numpy as jnp
+import numpy as np
+
+from jreml import REML
+from jreml.covariance import (
+    DummyMatrix,
+    ScalarMatrix,
+    CovariancePropagation,
+    Sum,
+)
+
+_rng = np.random.default_rng(5)
+torch = types.SimpleNamespace(
+    randn=lambda *shape: jnp.asarray(_rng.standard_normal(shape)),
+    zeros=lambda *shape: jnp.zeros(shape),
+    tensor=jnp.asarray,
+)
+"""
+
+OPENREML_VIGNETTE = """\
+n, p = 50, 2
+
+y = torch.randn(n)
+X = torch.randn(n, p)
+
+Z = DummyMatrix(["a", "b"] * 25)()
+
+V = Sum(
+    CovariancePropagation(
+        Z,
+        ScalarMatrix(2),
+    ),
+    ScalarMatrix(n),
+)
+
+reml = REML(v_builder=V)
+
+theta_start = torch.zeros(V.num_free_params)
+
+theta_hat, beta_hat, n_iter = reml.optimize(
+    y,
+    X,
+    theta_start,
+    verbose=2,
+)
+theta_last = reml.get_theta(select="last")
+theta_best = reml.get_theta(select="best")
+
+beta_last = reml.get_beta(select="last")
+beta_best = reml.get_beta(select="best")
+beta_hat = reml.blue(y, X, theta_hat)
+b_hat = reml.blup(
+    y,
+    X,
+    Z,
+    theta_hat,
+    map_theta_to_g=ScalarMatrix(2),
+    mask_theta_to_g=torch.tensor([True, False]),
+)
+y_hat_marginal = reml.marginal_predict(
+    y,
+    X,
+    theta_hat,
+)
+
+y_hat_conditional = reml.predict(
+    y,
+    X,
+    Z,
+    theta_hat,
+    map_theta_to_g=ScalarMatrix(2),
+    mask_theta_to_g=torch.tensor([True, False]),
+)
+e_marginal = reml.marginal_residual(
+    y,
+    X,
+    theta_hat,
+)
+
+e_conditional = reml.residual(
+    y,
+    X,
+    Z,
+    theta_hat,
+    map_theta_to_g=ScalarMatrix(2),
+    mask_theta_to_g=torch.tensor([True, False]),
+)
+loglik = reml.loglik(y, X, theta_hat)
+"""
+
+
+def test_torch_openreml_vignette_calls_run_unchanged(capfd):
+    ns = {}
+    exec(OPENREML_VIGNETTE_IMPORTS + OPENREML_VIGNETTE, ns)  # noqa: S102
+    assert "Converged at iteration" in capfd.readouterr().out
+    reml, y, X, Z = ns["reml"], ns["y"], ns["X"], ns["Z"]
+    assert reml.result.converged and float(ns["V"].build_params(ns["theta_hat"])[0]) > 0.01  # σ²_group inside
+    np.testing.assert_array_equal(ns["theta_last"], ns["theta_hat"])
+    np.testing.assert_allclose(ns["beta_hat"], reml.result.beta, rtol=1e-10)
+    # G = ScalarMatrix(2) of θ[mask] with the dense Z is the module's own term: the same BLUPs
+    np.testing.assert_allclose(ns["b_hat"], reml.blup(), rtol=1e-10)
+    np.testing.assert_allclose(ns["y_hat_conditional"], X @ ns["beta_hat"] + Z @ ns["b_hat"], rtol=1e-12)
+    np.testing.assert_allclose(ns["y_hat_conditional"], reml.predict(), rtol=1e-10)
+    np.testing.assert_allclose(ns["e_conditional"], y - ns["y_hat_conditional"], atol=1e-12)
+    np.testing.assert_allclose(ns["e_marginal"], y - ns["y_hat_marginal"], atol=1e-12)
+    np.testing.assert_allclose(ns["loglik"], reml.result.loglik, rtol=1e-12)
 
 
 def test_plain_functions_match_module(example, module_fit, function_fit):
