@@ -90,7 +90,8 @@ class REML:
     log-likelihood is **lme4's, including −(n−p)/2·log 2π**; torch_openreml omits it).
 
     Args:
-        map_theta_to_v: a pure JAX function θ (k,) ↦ V (n, n). Used when ``v_builder`` is not given.
+        map_theta_to_v: a pure JAX function θ (k,) ↦ V (n, n). Used when ``v_builder`` is not given; a covariance
+            module given here is taken as ``v_builder`` (``REML(V)``, torch_openreml's first argument).
         map_theta_to_dv: optional analytic derivative θ ↦ ∂V/∂θ (k, n, n); then the fit uses
             ``derivatives="analytic"``. Without it, derivatives come from autodiff (``"auto"``).
         v_builder: a jreml covariance module (``jreml.covariance``); takes the place of ``map_theta_to_v``.
@@ -123,6 +124,10 @@ class REML:
         mask_theta_to_g=None,
         z=None,
     ):
+        if v_builder is None and isinstance(map_theta_to_v, AbstractCovariance):
+            # REML(V): a covariance module as the first argument is torch_openreml's v_builder (REML(v_builder=None,
+            # map_theta_to_v=None, ...) in torch_openreml 0.1.0a0, MarginalREML(v) later).
+            v_builder, map_theta_to_v = map_theta_to_v, None
         if v_builder is None and map_theta_to_v is None:
             raise ValueError(
                 "REML needs a covariance model: v_builder (a jreml covariance module) or "

@@ -451,6 +451,7 @@ def test_errors(example, function_fit):
         REML(map_theta_to_v=lambda t: t, v_builder=example.model)
     with pytest.raises(TypeError, match="covariance module"):
         REML(v_builder=lambda t: t)
+    assert REML(example.model).v_builder is example.model  # REML(V): torch_openreml's positional v_builder
     with pytest.raises(ValueError, match="give map_theta_to_g too"):
         REML(map_theta_to_v=lambda t: t, z=np.ones((3, 2)))
 
