@@ -484,3 +484,18 @@ def test_errors(example, function_fit):
     with pytest.raises(ValueError, match="need Z"):
         plain.blup(map_theta_to_g=function_fit[0].map_theta_to_g)
     np.testing.assert_allclose(plain.marginal_residual(), function_fit[0].marginal_residual())
+
+
+def test_torch_openreml_utils():
+    from jreml.example_data import john_alpha
+    from jreml.utils import augment, n_distinct
+
+    assert n_distinct(["a", "b", "a", "c"]) == 3  # torch_openreml's docstring example
+    assert n_distinct(john_alpha["gen"]) == 24 and n_distinct(("x", None, "x")) == 1
+    ones, zeros = np.ones((4, 2)), np.zeros((4, 3))
+    np.testing.assert_array_equal(augment(ones, zeros), np.hstack([ones, zeros]))
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        augment(np.ones((4, 2)), np.ones((3, 1)))
+    with pytest.raises(ValueError, match="2-D"):
+        augment(np.ones(4))
+    assert list(john_alpha.columns) == ["plot", "rep", "block", "gen", "yield", "row", "col"]
