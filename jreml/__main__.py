@@ -1,12 +1,17 @@
 """The ``jreml`` command: fit an lme4-style formula to a CSV file (or a bundled example) and print the result.
 
-    jreml fit DATA.csv "FORMULA" [--ml] [--algorithm ai|fisher|newton|em|hybrid] [--relmat GROUP=K.csv] [--json]
+    jreml fit DATA.csv "FORMULA" [--sep SEP] [--ml] [--algorithm ai|fisher|newton|em|hybrid] [--relmat GROUP=K.csv]
+              [--json]
     jreml fit --example NAME [--trait traitN] [--ml] [--algorithm ...] [--json]
     jreml datasets
+    jreml --version
 
 Without ``--json`` the lme4-style summary is printed; with ``--json`` one JSON object with the keys method,
 nobs, loglik, aic, bic, converged, singular, n_iter, fixef, se, varcorr, sigma2 and time_s (the wall time of
 the fit, compilation included).
+
+``--sep`` is DATA.csv's field separator (default ``,``; ``\\t`` or ``tab`` for a tab-separated file); relmat
+files are always comma-separated.
 
 Columns used as grouping factors (the right of ``|`` in a random term) are read as strings, so numeric codes
 are factors, as in R. ``--relmat GROUP=K.csv`` (repeatable) gives the term ``(1 | GROUP)`` the covariance
@@ -19,7 +24,8 @@ Compiled programs are kept in JAX's persistent compilation cache (``$JREML_CACHE
 ``JREML_CACHE_DIR=off`` to disable it. The cache is used by this command only, never by ``import jreml``.
 
 Exit status: 0 after a converged fit, 1 when the fit did not converge, 2 for a usage or input error (one line
-on stderr).
+on stderr). When the reader of the output goes away (``jreml datasets | head -1``) the command stops quietly, as
+Unix tools do, with the status of a process ended by SIGPIPE (141).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -55,21 +62,32 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(message).split()) or type(err).__name__
 
 
-def _read_data(path: str, formula: str):
+def _separator(sep: str | None) -> str:
+    """DATA.csv's field separator: ``--sep`` with ``\\t`` (as typed in a shell) or ``tab`` meaning a tab."""
+    if sep is None:
+        return ","
+    if sep in ("\\t", "tab", "TAB"):
+        return "\t"
+    if not sep:
+        raise UserError("--sep needs a separator, e.g. --sep ';' or --sep '\\t'")
+    return sep
+
+
+def _read_data(path: str, formula: str, sep: str = ","):
     import pandas as pd
 
     from jreml._design.formula import parse_formula
 
     factors = {f for spec in parse_formula(formula).random for f in spec.factors}
     try:
-        header = pd.read_csv(path, nrows=0)
+        header = pd.read_csv(path, nrows=0, sep=sep)
     except FileNotFoundError as err:
         raise UserError(f"data file {path!r} not found") from err
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read data file {path!r}: {_one_line(err)}") from err
     dtype = {c: str for c in header.columns if c in factors}
     try:
-        return pd.read_csv(path, dtype=dtype)
+        return pd.read_csv(path, dtype=dtype, sep=sep)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read data file {path!r}: {_one_line(err)}") from err
 
@@ -159,12 +177,14 @@ def _fit_command(args) -> int:
             raise UserError("give either DATA.csv FORMULA or --example NAME, not both")
         if args.relmat:
             raise UserError("--relmat applies to DATA.csv FORMULA fits, not to --example")
+        if args.sep is not None:
+            raise UserError("--sep applies to DATA.csv FORMULA fits, not to --example")
         formula, data, relmat = _example(args)
     else:
         if not args.data or not args.formula:
             raise UserError("`jreml fit` needs DATA.csv and FORMULA (or --example NAME)")
         formula = args.formula
-        data = _read_data(args.data, formula)
+        data = _read_data(args.data, formula, _separator(args.sep))
         relmat = dict(_read_relmat(text) for text in args.relmat or [])
     return _run_fit(formula, data, relmat, args)
 
@@ -205,13 +225,44 @@ def _single_threaded_lapack() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+class _Version(argparse.Action):
+    """``--version``: prints ``jreml <version>`` and exits (jreml, and so JAX, is imported only then)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit", default=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from jreml import __version__
+
+        print(f"jreml {__version__}")
+        parser.exit()
+
+
 def main(argv=None) -> int:
+    """Run the command; returns its exit status. A closed output pipe ends it quietly with 128 + SIGPIPE."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a reader that went away shows up here at the latest, not in Python's flush at exit
+        return status
+    except BrokenPipeError:
+        # `jreml ... | head -1`: stop without a traceback, as Unix tools do. What is still buffered must not be
+        # flushed into the closed pipe again at exit (Python would print "Exception ignored ..."): point stdout
+        # at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv) -> int:
     _single_threaded_lapack()
     parser = _Parser(prog="jreml", description="REML/ML fits of linear mixed models in JAX.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fit = sub.add_parser("fit", help="fit an lme4-style formula to a CSV file or a bundled data set")
     fit.add_argument("data", nargs="?", help="a CSV file with a header row")
     fit.add_argument("formula", nargs="?", help='an lme4 formula, e.g. "Reaction ~ Days + (Days | Subject)"')
+    fit.add_argument("--sep", help="DATA.csv's field separator (default ','; '\\t' or 'tab' for a tab-separated file)")
     fit.add_argument("--example", help="fit a bundled data set's classic model instead (see `jreml datasets`)")
     fit.add_argument("--trait", help="kinship example: which trait column (default trait1)")
     fit.add_argument("--ml", action="store_true", help="maximum likelihood instead of REML")

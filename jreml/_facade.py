@@ -1,4 +1,12 @@
-"""``REML``: a torch_openreml-style object interface, a thin layer over :func:`jreml.estimate`.
+"""``REML``: torch_openreml's ``REML`` object interface, a thin layer over :func:`jreml.estimate`.
+
+The calls follow torch_openreml's documentation (the "Introduction to REML Estimation" vignette,
+``docs/source/vig/vig_reml.rst`` of github.com/anu-aagi/torch-openreml, and the ``REML`` class of
+torch_openreml 0.1.0a0 on PyPI): ``optimize(y, X, theta)`` returns ``(theta_hat, beta_hat, n_iter)``;
+``blue``, ``loglik``, ``marginal_predict``, ``marginal_residual`` take ``(y, X, theta)``; ``blup``, ``predict``,
+``residual`` take ``(y, X, Z, theta, map_theta_to_g=None, mask_theta_to_g=None)``; ``history`` is a dict of
+per-iteration lists. Here every argument of those methods may be left out: y and X default to the data of the
+last ``optimize``, θ to its estimate, so ``reml.blue()`` is β̂ of the fit.
 
 .. important::
    **Log-likelihood convention.** ``REML.loglik`` (like every log-likelihood in jreml) follows lme4's
@@ -8,47 +16,104 @@
    gives the torch_openreml number. Estimates (θ̂, β̂, BLUPs) do not depend on the constant.
 
 The facade adds no numerics of its own: :meth:`REML.optimize` calls :func:`jreml.estimate` (REML, average
-information, one compiled ``lax.while_loop``) and the attributes read the resulting :class:`jreml.FitResult`,
-available as ``REML.result``.
+information, one compiled ``lax.while_loop``), available afterwards as ``REML.result`` (a
+:class:`jreml.FitResult`); the methods evaluate V(θ) at the θ they are given with the likelihood's own
+factorisation (one compiled call per method and shape).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
+from ._covariance.queries import is_covariance
 from ._entry import estimate
+from ._likelihood import core
+from ._result import _random_effects
 
 SELECT = ("last", "best")
 
 
+@eqx.filter_jit
+def _gls(v, y, X, theta, reml: bool):
+    """(β̂, P y, ℓ) at θ from one factorisation of V(θ) (``v``: a covariance module or a function θ ↦ V)."""
+    c = core(theta, y, X, v, reml)
+    return c.beta, c.p_y, c.loglik
+
+
+@eqx.filter_jit
+def _module_random_effects(model, y, X, theta, reml: bool):
+    """({term name: û}, Xβ̂ + Σ Z û) at θ for a covariance module's Z·G·Zᵀ terms."""
+    c = core(theta, y, X, model, reml)
+    blups, fitted, _ = _random_effects(model, theta, c.p_y, X, c.beta, y)
+    return blups, fitted
+
+
+def _response(y):
+    y = as_float_array(y, "y")
+    return y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def _design(Z, n: int):
+    """Z as a dense (n, q) array; a jreml module without parameters (``DummyMatrix``) is called first."""
+    if is_covariance(Z):
+        if Z.num_free_params:
+            raise ValueError(f"Z must be a matrix or a module without parameters, got {type(Z).__name__}")
+        Z = Z(jnp.zeros((0,)))
+    Z = as_float_array(Z, "Z")
+    if Z.ndim != 2 or Z.shape[0] != n:
+        raise ValueError(f"Z must be a design matrix with {n} rows (one per observation), got shape {Z.shape}")
+    return Z
+
+
+def _select(theta, mask):
+    """θ_G = the entries of θ that ``mask_theta_to_g`` picks (a boolean mask or integer indices); all of θ
+    without a mask (torch_openreml passes the whole θ to ``map_theta_to_g`` then)."""
+    if mask is None:
+        return theta
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        if mask.shape != theta.shape:
+            raise ValueError(f"mask_theta_to_g has shape {mask.shape}, theta has shape {theta.shape}")
+        return theta[np.flatnonzero(mask)]
+    if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 1:
+        raise ValueError("mask_theta_to_g must be a boolean mask or a 1-D integer index array")
+    return theta[mask]
+
+
 class REML:
-    """REML fit of y ~ N(Xβ, V(θ)) with torch_openreml's interface (see the module docstring for the
-    log-likelihood convention: **lme4's, including −(n−p)/2·log 2π**; torch_openreml omits it).
+    """REML fit of y ~ N(Xβ, V(θ)) with torch_openreml's ``REML`` interface (see the module docstring; the
+    log-likelihood is **lme4's, including −(n−p)/2·log 2π**; torch_openreml omits it).
 
     Args:
-        map_theta_to_v: a pure JAX function θ (k,) ↦ V (n, n). Used when ``v_builder`` is not given.
+        map_theta_to_v: a pure JAX function θ (k,) ↦ V (n, n). Used when ``v_builder`` is not given; a covariance
+            module given here is taken as ``v_builder`` (``REML(V)``, torch_openreml's first argument).
         map_theta_to_dv: optional analytic derivative θ ↦ ∂V/∂θ (k, n, n); then the fit uses
             ``derivatives="analytic"``. Without it, derivatives come from autodiff (``"auto"``).
         v_builder: a jreml covariance module (``jreml.covariance``); takes the place of ``map_theta_to_v``.
-        map_theta_to_g: θ_G ↦ G (q, q), the covariance of the random effects u (for ``blup`` / ``predict``
-            with plain functions).
-        mask_theta_to_g: a boolean mask (k,) or an integer index array selecting θ_G from θ.
-        z: the random-effects design Z (n, q).
+        map_theta_to_g: θ_G ↦ G (q, q), the covariance of the random effects u: a function or a jreml covariance
+            module (torch_openreml accepts a callable or a covariance ``Matrix``). The default of ``blup``,
+            ``predict`` and ``residual``.
+        mask_theta_to_g: a boolean mask (k,) or an integer index array selecting θ_G from θ; without it
+            ``map_theta_to_g`` gets the whole θ (as in torch_openreml).
+        z: the random-effects design Z (n, q), the default Z of ``blup`` / ``predict`` / ``residual`` (jreml's
+            addition; torch_openreml passes Z to each call).
 
-    BLUPs: û = G(θ̂_G) Zᵀ P y with P y from the fit. With a covariance module and no ``map_theta_to_g``,
-    ``blup`` is the concatenation of ``FitResult.blup()``'s per-term vectors, in the model's term order
-    (``result.blup()`` gives them by term name). ``predict`` (conditional) is Xβ̂ + Zû.
+    BLUPs: û = G(θ_G) Zᵀ P y. With a covariance module and no ``map_theta_to_g``, ``blup`` is the
+    concatenation of the model's Z·G·Zᵀ terms' BLUPs, in the model's term order (``result.blup()`` gives them
+    by term name), and ``predict`` is Xβ̂ + Σ Z û over those terms.
 
-    Example::
+    Example (torch_openreml's calls)::
 
-        reml = jreml.REML(v_builder=model)
-        theta_hat, beta_hat, n_iter = reml.optimize(y, X, theta_start)
-        reml.blue, reml.blup, reml.loglik, reml.result.summary()
+        reml = jreml.REML(v_builder=V)
+        theta_hat, beta_hat, n_iter = reml.optimize(y, X, theta_start, verbose=2)
+        reml.blue(y, X, theta_hat), reml.loglik(y, X, theta_hat), reml.history["loglik"]
+        reml.blup(y, X, Z, theta_hat, map_theta_to_g=G, mask_theta_to_g=mask)
     """
 
     def __init__(
@@ -60,6 +125,10 @@ class REML:
         mask_theta_to_g=None,
         z=None,
     ):
+        if v_builder is None and is_covariance(map_theta_to_v):
+            # REML(V): a covariance module as the first argument is torch_openreml's v_builder (REML(v_builder=None,
+            # map_theta_to_v=None, ...) in torch_openreml 0.1.0a0, MarginalREML(v) later).
+            v_builder, map_theta_to_v = map_theta_to_v, None
         if v_builder is None and map_theta_to_v is None:
             raise ValueError(
                 "REML needs a covariance model: v_builder (a jreml covariance module) or "
@@ -67,7 +136,7 @@ class REML:
             )
         if v_builder is not None and map_theta_to_v is not None:
             raise ValueError("give either v_builder or map_theta_to_v, not both")
-        if v_builder is not None and not isinstance(v_builder, AbstractCovariance):
+        if v_builder is not None and not is_covariance(v_builder):
             raise TypeError(
                 f"v_builder must be a jreml covariance module, got {type(v_builder).__name__}; "
                 "pass a plain function as map_theta_to_v"
@@ -76,11 +145,10 @@ class REML:
             raise TypeError("map_theta_to_v must be a function theta -> V")
         if map_theta_to_dv is not None and not callable(map_theta_to_dv):
             raise TypeError("map_theta_to_dv must be a function theta -> dV/dtheta (k, n, n)")
-        blup_parts = (map_theta_to_g, mask_theta_to_g, z)
-        if any(p is not None for p in blup_parts) and any(p is None for p in blup_parts):
-            raise ValueError("map_theta_to_g, mask_theta_to_g and z go together: give all three or none")
         if map_theta_to_g is not None and not callable(map_theta_to_g):
             raise TypeError("map_theta_to_g must be a function theta_g -> G")
+        if map_theta_to_g is None and (mask_theta_to_g is not None or z is not None):
+            raise ValueError("mask_theta_to_g and z are used with map_theta_to_g: give map_theta_to_g too")
         self.map_theta_to_v = map_theta_to_v
         self.map_theta_to_dv = map_theta_to_dv
         self.v_builder = v_builder
@@ -110,15 +178,16 @@ class REML:
         tol_loglik: float = 1e-4,
         **estimate_kwargs,
     ):
-        """Fit by REML; returns ``(theta_hat, beta_hat, n_iter)`` (JAX arrays and an int).
+        """Fit by REML; returns ``(theta_hat, beta_hat, n_iter)`` (JAX arrays and an int), as torch_openreml's
+        ``REML.optimize(y, x, theta, ...)``.
 
         ``theta_start`` is required with ``map_theta_to_v``; with ``v_builder`` it defaults to the model's
         start. The tolerances default to torch_openreml's (1e-4; ``jreml.estimate`` defaults are tighter).
-        Other keyword arguments (``algorithm``, ``method``, ``min_iter``, ...) go to :func:`jreml.estimate`.
+        ``verbose``: 0 silent, 1 an iteration counter, 2 one line per iteration; with either, a last line says
+        whether (and at which iteration) the fit converged, like torch_openreml's. Other keyword arguments
+        (``algorithm``, ``method``, ``min_iter``, ...) go to :func:`jreml.estimate`.
         """
-        y = as_float_array(y, "y")
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
+        y = _response(y)
         if self.v_builder is not None:
             model = self.v_builder
         else:
@@ -147,9 +216,12 @@ class REML:
             **estimate_kwargs,
         )
         r = self._result
+        if verbose:
+            done = f"\u2713 Converged at iteration {int(r.n_iter)}" if bool(r.converged) else r.message
+            print(f"\n{done}")
         return r.theta, r.beta, int(r.n_iter)
 
-    # --- results ----------------------------------------------------------------------------------
+    # --- results of the fit -----------------------------------------------------------------------
     @property
     def result(self):
         """The :class:`jreml.FitResult` of the last ``optimize`` call."""
@@ -157,21 +229,47 @@ class REML:
             raise RuntimeError("no fit yet: call REML.optimize(y, X, theta_start) first")
         return self._result
 
-    _HISTORY_FIELDS = ("theta", "beta", "loglik", "score", "step", "step_length")
-
     @property
-    def history(self) -> list[dict]:
-        """One dict per iteration (entry 0 = the start): theta, beta, loglik, score, step, step_length
-        (numpy), trimmed to the iterations done. ``step`` is the accepted change of θ (0 at the start)."""
-        h = self.result.history
-        rows = int(self.result.n_iter) + 1
-        arrays = {name: np.asarray(getattr(h, name))[:rows] for name in self._HISTORY_FIELDS}
-        return [{"iteration": i, **{name: a[i] for name, a in arrays.items()}} for i in range(rows)]
+    def history(self) -> dict[str, list]:
+        """torch_openreml's optimisation history: a dict of per-iteration lists (numpy), one entry per
+        iteration done. Entry j of ``beta``, ``loglik``, ``score`` and ``ai`` is at the iterate θ_j the
+        iteration started from (θ_0 = the start), ``delta`` = AI⁻¹·score there (the undamped step, least
+        squares as in torch_openreml), ``update`` the change of θ that was applied (halved, or projected onto
+        ``lb``/``ub``, where jreml's step control did so) and ``theta`` = θ_{j+1}, the iterate it ended at; so
+        ``history["theta"][-1]`` is θ̂. ``ai`` is the information matrix of the fit's algorithm (the average
+        information by default). The complete per-iterate record is ``result.history``.
+        """
+        h, n = self.result.history, self._recorded()
+        theta, step = np.asarray(h.theta)[: n + 1], np.asarray(h.step)[: n + 1]
+        beta, loglik = np.asarray(h.beta)[:n], np.asarray(h.loglik)[:n]
+        score, ai = np.asarray(h.score)[:n], np.asarray(h.information)[:n]
+        delta = [np.linalg.lstsq(a, s, rcond=None)[0] for a, s in zip(ai, score, strict=True)]
+        return {
+            "theta": list(theta[1:]),
+            "beta": list(beta),
+            "loglik": list(loglik),
+            "score": list(score),
+            "ai": list(ai),
+            "delta": delta,
+            "update": list(step[1:]),
+        }
+
+    def _recorded(self) -> int:
+        """The last row of ``result.history`` that holds an iterate: ``n_iter``, except after estimate's Newton
+        fallback ("ai+newton"), whose n_iter counts both runs while the history is the Newton run's alone; its
+        last iterate is θ̂ itself."""
+        r = self.result
+        theta = np.asarray(r.history.theta)
+        n = min(int(r.n_iter), theta.shape[0] - 1)
+        final = np.asarray(r.theta)
+        while n > 0 and not np.array_equal(theta[n], final):
+            n -= 1
+        return n
 
     def _row(self, select: str) -> int:
         if select not in SELECT:
             raise ValueError(f"select must be one of {SELECT}, got {select!r}")
-        n_iter = int(self.result.n_iter)
+        n_iter = self._recorded()
         if select == "last":
             return n_iter
         # argmax takes the first of equal values: the earliest iterate with the highest log-likelihood.
@@ -185,84 +283,95 @@ class REML:
         """β̂ (GLS) at the last iterate or at the iterate with the highest log-likelihood."""
         return jnp.asarray(self.result.history.beta[self._row(select)])
 
-    @property
-    def loglik(self):
-        """REML log-likelihood at θ̂ in lme4's convention (includes −(n−p)/2·log 2π; torch_openreml does not)."""
-        return self.result.loglik
+    # --- evaluation at a given θ (torch_openreml's methods) ---------------------------------------
+    def _model(self):
+        return self.v_builder if self.v_builder is not None else self.map_theta_to_v
 
-    @property
-    def loglik_without_constant(self):
+    def _reml(self) -> bool:
+        return self._result is None or self._result.method == "reml"
+
+    def _inputs(self, y, X, theta):
+        """y, X and θ as given; y and X default (together) to the last fit's data, θ to its estimate."""
+        if (y is None) != (X is None):
+            raise ValueError("give y and X together, or neither (then the data of the last optimize)")
+        if y is None:
+            y, X = self.result.y, self.result.X
+        else:
+            y, X = _response(y), as_float_array(X, "X")
+            if X.ndim != 2 or X.shape[0] != y.shape[0]:
+                raise ValueError(f"X must be (n, p) with n = len(y) = {y.shape[0]}, got shape {X.shape}")
+        theta = self.result.theta if theta is None else as_float_array(theta, "theta")
+        if theta.ndim != 1:
+            raise ValueError(f"theta must be a 1-D parameter vector, got shape {theta.shape}")
+        return y, X, theta
+
+    def loglik(self, y=None, X=None, theta=None):
+        """The REML log-likelihood at θ (ML after an ``optimize(..., method="ml")``), as torch_openreml's
+        ``REML.loglik(y, x, theta)`` but in lme4's convention: it includes −(n−p)/2·log 2π."""
+        y, X, theta = self._inputs(y, X, theta)
+        return _gls(self._model(), y, X, theta, self._reml())[2]
+
+    def loglik_without_constant(self, y=None, X=None, theta=None):
         """The log-likelihood as torch_openreml reports it: ``loglik + (n−p)/2·log 2π`` (ML: n/2·log 2π)."""
-        r = self.result
-        n, p = r.X.shape
-        dof = n - p if r.method == "reml" else n
-        return r.loglik + 0.5 * dof * np.log(2.0 * np.pi)
+        y, X, theta = self._inputs(y, X, theta)
+        n, p = X.shape
+        dof = n - p if self._reml() else n
+        return _gls(self._model(), y, X, theta, self._reml())[2] + 0.5 * dof * np.log(2.0 * np.pi)
 
-    @property
-    def blue(self):
-        """β̂, the best linear unbiased (GLS) estimate of the fixed effects."""
-        return self.result.beta
+    def blue(self, y=None, X=None, theta=None):
+        """β̂ = (XᵀV⁻¹X)⁻¹XᵀV⁻¹y at θ, the best linear unbiased (GLS) estimate (torch_openreml's ``blue``)."""
+        y, X, theta = self._inputs(y, X, theta)
+        return _gls(self._model(), y, X, theta, self._reml())[0]
 
-    @property
-    def blup(self):
-        """û = G Zᵀ P y: from ``map_theta_to_g``/``mask_theta_to_g``/``z`` if given, otherwise the
-        concatenation of all terms of ``FitResult.blup()`` (module term order)."""
-        r = self.result
-        if self.map_theta_to_g is not None:
-            return self._g_hat() @ (self._z_checked().T @ r.p_y)
-        if self.v_builder is not None:
-            parts = list(r.blup().values())
-            if not parts:
-                raise ValueError("the covariance model has no Z·G·Zᵀ (CovariancePropagation) terms: no BLUPs")
-            return jnp.concatenate(parts)
-        raise ValueError("BLUPs of a plain map_theta_to_v need map_theta_to_g, mask_theta_to_g and z")
+    def marginal_predict(self, y=None, X=None, theta=None):
+        """Marginal predictions Xβ̂ at θ, fixed effects only (torch_openreml's ``marginal_predict``)."""
+        y, X, theta = self._inputs(y, X, theta)
+        return X @ _gls(self._model(), y, X, theta, self._reml())[0]
 
-    @property
-    def predict(self):
-        """Conditional predictions Xβ̂ + Zû on the fitted data."""
-        r = self.result
-        if self.map_theta_to_g is not None:
-            return r.X @ r.beta + self._z_checked() @ self.blup
-        if self.v_builder is not None:
-            return r.predict()
-        raise ValueError("conditional predictions of a plain map_theta_to_v need map_theta_to_g, mask_theta_to_g, z")
+    def marginal_residual(self, y=None, X=None, theta=None):
+        """Marginal residuals y − Xβ̂ at θ (torch_openreml's ``marginal_residual``)."""
+        y, X, theta = self._inputs(y, X, theta)
+        return y - X @ _gls(self._model(), y, X, theta, self._reml())[0]
 
-    @property
-    def marginal_predict(self):
-        """Marginal predictions Xβ̂ (fixed effects only)."""
-        return self.result.marginal_predict()
+    def _random_part(self, y, X, Z, theta, map_theta_to_g, mask_theta_to_g):
+        """(û, Xβ̂ + Zû) at θ; G and Z from the call, else from the constructor, else the module's terms."""
+        y, X, theta = self._inputs(y, X, theta)
+        g_of = self.map_theta_to_g if map_theta_to_g is None else map_theta_to_g
+        if g_of is not None:
+            if not callable(g_of):
+                raise TypeError("map_theta_to_g must be a function theta_g -> G")
+            Z = self.z if Z is None else Z
+            if Z is None:
+                raise ValueError("BLUPs with map_theta_to_g need Z: pass it (blup(y, X, Z, theta)) or give z=")
+            Z = _design(Z, y.shape[0])
+            mask = self.mask_theta_to_g if mask_theta_to_g is None else mask_theta_to_g
+            G = jnp.asarray(g_of(_select(theta, mask)))
+            q = Z.shape[1]
+            if G.shape != (q, q):
+                raise ValueError(f"map_theta_to_g returned shape {G.shape}, expected ({q}, {q}) (Z has {q} columns)")
+            beta, p_y, _ = _gls(self._model(), y, X, theta, self._reml())
+            u = G @ (Z.T @ p_y)
+            return u, X @ beta + Z @ u
+        if self.v_builder is None:
+            raise ValueError("BLUPs of a plain map_theta_to_v need map_theta_to_g (and Z): give them here or to REML")
+        if Z is not None or mask_theta_to_g is not None:
+            raise ValueError("Z and mask_theta_to_g are used with map_theta_to_g: give map_theta_to_g too")
+        blups, fitted = _module_random_effects(self.v_builder, y, X, theta, self._reml())
+        if not blups:
+            raise ValueError("the covariance model has no Z·G·Zᵀ (CovariancePropagation) terms: no BLUPs")
+        return jnp.concatenate(list(blups.values())), fitted
 
-    @property
-    def residual(self):
-        """Conditional residuals y − Xβ̂ − Zû."""
-        return self.result.y - self.predict
+    def blup(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None):
+        """BLUPs û = G(θ_G) Zᵀ P y at θ (torch_openreml's ``blup(y, x, z, theta, map_theta_to_g,
+        mask_theta_to_g)``); ``map_theta_to_g``, ``mask_theta_to_g`` and Z default to the constructor's. Without
+        any ``map_theta_to_g``, a covariance module's terms' BLUPs, concatenated in term order."""
+        return self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g)[0]
 
-    @property
-    def marginal_residual(self):
-        """Marginal residuals y − Xβ̂."""
-        return self.result.marginal_residuals()
+    def predict(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None):
+        """Conditional predictions Xβ̂ + Zû at θ (torch_openreml's ``predict``; arguments as :meth:`blup`)."""
+        return self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g)[1]
 
-    # --- helpers ----------------------------------------------------------------------------------
-    def _theta_g(self):
-        theta = self.result.theta
-        mask = self.mask_theta_to_g
-        if mask.dtype == bool:
-            if mask.shape != theta.shape:
-                raise ValueError(f"mask_theta_to_g has shape {mask.shape}, theta has shape {theta.shape}")
-            return theta[np.flatnonzero(mask)]
-        if not np.issubdtype(mask.dtype, np.integer) or mask.ndim != 1:
-            raise ValueError("mask_theta_to_g must be a boolean mask or a 1-D integer index array")
-        return theta[mask]
-
-    def _g_hat(self):
-        g = jnp.asarray(self.map_theta_to_g(self._theta_g()))
-        q = self._z_checked().shape[1]
-        if g.shape != (q, q):
-            raise ValueError(f"map_theta_to_g returned shape {g.shape}, expected ({q}, {q}) (z has {q} columns)")
-        return g
-
-    def _z_checked(self):
-        n = self.result.y.shape[0]
-        if self.z.shape[0] != n:
-            raise ValueError(f"z has {self.z.shape[0]} rows but y has {n} observations")
-        return self.z
+    def residual(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None):
+        """Conditional residuals y − Xβ̂ − Zû at θ (torch_openreml's ``residual``; arguments as :meth:`blup`)."""
+        fitted = self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g)[1]
+        return (self.result.y if y is None else _response(y)) - fitted

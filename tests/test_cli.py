@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -175,3 +176,39 @@ def test_console_script():
     assert out.returncode == 0 and "sleepstudy" in out.stdout
     out = run("fit", "--example", "nope", command=(JREML,))
     assert out.returncode == 2 and out.stderr.startswith("jreml: error: unknown data set 'nope'")
+
+
+def test_closed_output_pipe_exits_quietly():
+    """`jreml ... | head -1`: no traceback and no "Exception ignored" when the reader has gone away."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes: every write meets a closed pipe
+    try:
+        command = [sys.executable, "-m", "jreml", "datasets"]
+        out = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert out.stderr == "" and out.returncode == 141  # 128 + SIGPIPE, as a shell reports `yes | head -1`
+    piped = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m jreml datasets | head -1", shell=True, capture_output=True, text=True
+    )
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+    assert len(piped.stdout.splitlines()) == 1 and piped.stdout.startswith("dyestuff")
+
+
+def test_version():
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout == f"jreml {jreml.__version__}\n" and out.stderr == ""
+
+
+@pytest.mark.parametrize("sep,written", [("\\t", "\t"), ("tab", "\t"), (";", ";"), ("\t", "\t")])
+def test_sep_reads_other_separators(sep, written, tmp_path, capsys):
+    path = tmp_path / "dyestuff.txt"
+    jreml.datasets.load("dyestuff").to_csv(path, sep=written, index=False)
+    assert main(["fit", str(path), EXAMPLE_FORMULAS["dyestuff"], "--sep", sep, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert abs(got["loglik"] - load_reference("dyestuff")["REML"]["logLik"]) < 1e-6
+    # without --sep the file is one comma-free column: a one-line input error
+    assert main(["fit", str(path), EXAMPLE_FORMULAS["dyestuff"]]) == 2
+    assert "not in the data" in capsys.readouterr().err
+    assert main(["fit", "--example", "dyestuff", "--sep", ";"]) == 2
+    assert "--sep applies to DATA.csv" in capsys.readouterr().err

@@ -96,8 +96,9 @@ class DummyMatrix(AbstractKnownMatrix):
 
     shape = property(lambda self: (self.codes.shape[0], len(self.column_levels)))
 
-    def __call__(self, theta):
-        theta = self._check_theta(theta)
+    def __call__(self, theta=None):
+        """The dense n×q 0/1 matrix. θ is empty and may be left out: ``DummyMatrix(f)()`` as in torch_openreml."""
+        theta = self._check_theta(jnp.zeros((0,), float_dtype()) if theta is None else theta)
         onehot = jax.nn.one_hot(self.codes, self.n_levels, dtype=theta.dtype)
         return onehot[:, 1:] if self.drop_first else onehot
 

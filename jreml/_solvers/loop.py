@@ -128,9 +128,9 @@ def _print_iteration(verbose, max_iter, i, loglik, score_norm, step_norm, halvin
             print(f"{'iter':>5} {'loglik':>18} {'|score|':>11} {'|step|':>11} {'halvings':>8}")
         print(f"{i:5d} {float(loglik):18.10f} {float(score_norm):11.3e} {float(step_norm):11.3e} {int(halvings):8d}")
     else:
-        width = 30
-        filled = min(width, round(width * i / max_iter))
-        print(f"\r[{'#' * filled}{'.' * (width - filled)}] iter {i:4d}  loglik {float(loglik):.8f}", end="")
+        # A counter, not a bar: the number of iterations is not known ahead (a bar scaled to max_iter sat near
+        # empty at convergence). torch_openreml's verbose=1 shows "Iter i" likewise.
+        print(f"\rIter {i:4d} (max_iter {max_iter}) loglik {float(loglik):.8f} |score| {float(score_norm):.2e}", end="")
 
 
 def _augmented(information, secant, use_secant, free):
