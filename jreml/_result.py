@@ -17,6 +17,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._covariance.base import AbstractCovariance
 from ._covariance.queries import observed_mask
+from ._inference import anova_table, check_ddf, coef_table
+from ._inference.ddf import Pieces
 from ._likelihood import core, trace_weight
 from ._solvers.loop import History
 from ._solvers.results import status_message
@@ -476,13 +478,59 @@ class FitResult(eqx.Module):
             "sigma2": self.sigma2,
         }
 
+    # --- inference on fixed effects (lmerTest / pbkrtest) ---------------------------------------------
+    def _ddf_pieces(self):
+        if np.ndim(self.loglik) != 0:
+            raise ValueError("degrees of freedom need a single fit, not a batch")
+        if self.method != "reml":
+            warnings.warn("Satterthwaite / Kenward-Roger degrees of freedom assume a REML fit", stacklevel=3)
+        return Pieces(self.theta, self.y, self.X, self.model, self.at_boundary)
+
+    def coef_table(self, ddf: str | None = "satterthwaite") -> pd.DataFrame:
+        """t-tests of each fixed effect: DataFrame indexed by name with columns estimate, se, df, t, p.
+
+        ``ddf``: "satterthwaite" (lmerTest's default), "kenward-roger" (se from pbkrtest's adjusted covariance
+        Φ_A, df by its per-coefficient rule), "residual" (df = n − rank X) or None (z-tests, df = inf).
+        Formulas and references: :mod:`jreml._inference.ddf`.
+        """
+        ddf = check_ddf(ddf)
+        names = list(self.beta_names) if self.beta_names else [f"beta[{i}]" for i in range(self.beta.shape[-1])]
+        return coef_table(self.beta, self.X, names, ddf, self._ddf_pieces, self.vcov_beta)
+
+    def anova(self, ddf: str = "satterthwaite") -> pd.DataFrame:
+        """lmerTest's type III F-tests of each fixed-effect term of a formula fit (intercept left out).
+
+        Columns ``Sum Sq, Mean Sq, NumDF, DenDF, F value, Pr(>F)``; a term's columns are tested jointly, which
+        is lmerTest's type III hypothesis for models without interactions (with treatment-coded factors in an
+        interaction, lmerTest's type III contrasts differ: a warning says so).
+        """
+        ddf = check_ddf(ddf, allow_none=False)
+        info = self._info("anova")
+        columns = list(info.fixed_columns)
+        terms: dict[str, list[int]] = {}
+        for term, spec_cols in info.fixed_spec.term_indices.items():
+            name = str(term)
+            cols = [i for i, c in enumerate(columns) if c in spec_cols]
+            if name != "1" and cols:
+                terms[name] = cols
+        factors = [set(str(t).split(":")) for t in terms]
+        if any(a < b for a in factors for b in factors):
+            warnings.warn(
+                "anova: a term is contained in an interaction; its columns are tested jointly, which is not "
+                "lmerTest's type III contrast for treatment-coded factors",
+                stacklevel=2,
+            )
+        return anova_table(self.beta, terms, ddf, self._ddf_pieces, self.sigma2)
+
     # --- display ----------------------------------------------------------------------------------
-    def summary(self, beta_names=None) -> str:
+    def summary(self, beta_names=None, ddf=None) -> str:
         """A plain-text summary: lme4's ``summary(fit)`` layout for :func:`jreml.fit` results, else a short one."""
         if np.ndim(self.loglik) != 0:
             return f"FitResult batched over {np.shape(self.loglik)} fits ({self.method.upper()}, {self.algorithm})"
+        if ddf is not None:
+            ddf = check_ddf(ddf, allow_none=False)
         if self.formula_info is not None and beta_names is None:
-            return self._lme4_summary()
+            return self._lme4_summary(ddf)
         lines = [f"Formula: {self.formula}"] if self.formula else []
         lines += [
             f"Linear mixed model fit by {self.method.upper()} ({self.algorithm}), "
@@ -504,7 +552,7 @@ class FitResult(eqx.Module):
             lines.append(f"  {name:<{width}} {b:14.6g} {s:12.6g} {b / s:9.3f}")
         return "\n".join(lines)
 
-    def _lme4_summary(self) -> str:
+    def _lme4_summary(self, ddf=None) -> str:
         reml = self.method == "reml"
         loglik = float(self.loglik)
         lines = [
@@ -532,12 +580,15 @@ class FitResult(eqx.Module):
         lines += self._random_effects_table()
         groups = "; ".join(f"{g}, {n}" for g, n in self.ngroups.items())
         lines.append(f"Number of obs: {self.nobs}, groups:  {groups}")
-        lines += ["", "Fixed effects:"]
+        lines += ["", "Fixed effects:"] if ddf is None else ["", f"Fixed effects ({ddf} df):"]
+        if ddf is not None:
+            lines += self._ddf_fixed_block(ddf)
         beta, se = np.asarray(self.beta, dtype=float), np.asarray(self.se_beta, dtype=float)
         names = list(self.beta_names)
         columns = [_column(beta.tolist()), _column(se.tolist()), [f"{t:.3f}" for t in (beta / se).tolist()]]
         rows = [[name, *(c[i] for c in columns)] for i, name in enumerate(names)]
-        lines += _table(["", "Estimate", "Std. Error", "t value"], rows)
+        if ddf is None:
+            lines += _table(["", "Estimate", "Std. Error", "t value"], rows)
         if len(names) > 1:
             vcov = np.asarray(self.vcov_beta, dtype=float)
             d = np.sqrt(np.diagonal(vcov))
@@ -550,6 +601,19 @@ class FitResult(eqx.Module):
             lines += ["", "Correlation of Fixed Effects:"]
             lines += _table(["", *short[:-1]], rows)
         return "\n".join(lines)
+
+    def _ddf_fixed_block(self, ddf: str) -> list[str]:
+        """lmerTest's fixed-effects block: Estimate, Std. Error, df, t value, Pr(>|t|)."""
+        table = self.coef_table(ddf)
+        columns = [
+            _column(table["estimate"].tolist()),
+            _column(table["se"].tolist()),
+            [f"{d:.3f}" for d in table["df"]],
+            [f"{t:.3f}" for t in table["t"]],
+            [f"{p:.3g}" for p in table["p"]],
+        ]
+        rows = [[name, *(c[i] for c in columns)] for i, name in enumerate(table.index)]
+        return _table(["", "Estimate", "Std. Error", "df", "t value", "Pr(>|t|)"], rows)
 
     def _random_effects_table(self) -> list[str]:
         blocks = self._ordered_terms()

@@ -1,0 +1,249 @@
+"""Denominator degrees of freedom for tests of fixed effects: Satterthwaite and Kenward–Roger.
+
+Notation (one fit, REML): y (n,), X (n, p), θ (k,) the covariance parameters, V(θ) (n, n) the marginal covariance,
+Φ(θ) = (Xᵀ V⁻¹ X)⁻¹ (p, p) the covariance of β̂, L (q, p) a contrast matrix.
+
+Satterthwaite (Satterthwaite 1946; lmerTest, Kuznetsova, Brockhoff & Christensen 2017), for one contrast c (p,):
+    ν = 2 (cᵀ Φ c)² / (gᵀ A g),   g = ∂(cᵀ Φ(θ) c)/∂θ (k,) by autodiff,
+    A = (−∂²ℓ_REML/∂θ∂θᵀ)⁻¹ (k, k), the inverse observed information of the same θ.
+At the REML optimum ν does not depend on the parametrisation (g and A transform as a covector and a tensor).
+For q > 1 (lmerTest's ``contestMD``): LΦLᵀ = U D Uᵀ, νᵢ from the rows of UᵀL, E = Σ νᵢ/(νᵢ − 2),
+ν = 2E/(E − q) (ν = 2 when some νᵢ ≤ 2); F = (Lβ̂)ᵀ(LΦLᵀ)⁻¹(Lβ̂)/q.
+
+Kenward–Roger (Kenward & Roger 1997; pbkrtest, Halekoh & Højsgaard 2014, ``vcovAdj`` and ``.KR_adjust``):
+    Vᵢ = ∂V/∂θᵢ (k, n, n) by forward mode (``jax.jvp``), Pᵢ = −Xᵀ V⁻¹ Vᵢ V⁻¹ X, Qᵢⱼ = Xᵀ V⁻¹ Vᵢ V⁻¹ Vⱼ V⁻¹ X (p, p),
+    W = I_E⁻¹ with I_E,ᵢⱼ = ½ tr(M Vᵢ M Vⱼ), M = V⁻¹ − V⁻¹X Φ XᵀV⁻¹ (expected REML information),
+    Φ_A = Φ + 2 Φ {Σᵢⱼ Wᵢⱼ (Qᵢⱼ − Pᵢ Φ Pⱼ)} Φ.
+KR's term −¼ Rᵢⱼ (second derivatives of V) is left out, as pbkrtest does: pbkrtest parametrises V linearly
+(V = Σ ψᵢ Gᵢ, ψ the entries of each term's covariance and σ²), where R = 0, and every other term above is bilinear
+in first derivatives and W, hence the same in jreml's θ. For L (q, p), Θ = Lᵀ(LΦLᵀ)⁻¹L,
+    A₁ = Σᵢⱼ Wᵢⱼ tr(ΘΦPᵢΦ) tr(ΘΦPⱼΦ),  A₂ = Σᵢⱼ Wᵢⱼ tr(ΘΦPᵢΦΘΦPⱼΦ),  B = (A₁ + 6A₂)/(2q),
+    g = ((q+1)A₁ − (q+4)A₂)/((q+2)A₂),  c₁ = g/(3q+2(1−g)),  c₂ = (q−g)/(3q+2(1−g)),  c₃ = (q+2−g)/(3q+2(1−g)),
+    ρ = (1/q) ((1 − A₂/q)/(1 − c₂B))² (1 + c₁B)/(1 − c₃B),  m = 4 + (q+2)/(qρ − 1),
+    F = λ (Lβ̂)ᵀ(LΦ_ALᵀ)⁻¹(Lβ̂)/q with λ = m(1 − A₂/q)/(m − 2), on (q, m) degrees of freedom.
+The Kenward–Roger pieces are dense n×n (V, V⁻¹, the k matrices Vᵢ): meant for n up to a few thousand.
+
+Parameters at a boundary (``at_boundary``) are held fixed: they are left out of θ for both methods, as a
+variance at zero carries no sampling variability to first order (a warning says so).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from jaxtyping import Array, Float
+from scipy import stats
+
+from .._likelihood import reml_loglik
+
+DDF_METHODS = ("satterthwaite", "kenward-roger", "residual", None)
+
+
+def check_ddf(ddf, allow_none: bool = True) -> str | None:
+    """Normalise ``ddf`` ("Satterthwaite", "Kenward-Roger", "KR", "residual", None) or raise a ValueError."""
+    if ddf is None and allow_none:
+        return None
+    key = ddf.lower().replace("_", "-") if isinstance(ddf, str) else ddf
+    key = {"kr": "kenward-roger", "kenwardroger": "kenward-roger"}.get(key, key)
+    allowed = DDF_METHODS if allow_none else ("satterthwaite", "kenward-roger")
+    if key not in allowed:
+        raise ValueError(f"ddf must be one of {allowed}, got ddf={ddf!r}")
+    return key
+
+
+def _dense_pieces(theta, y, X, model, free):
+    """Φ (p,p), ∂Φ/∂θ_free (k,p,p), observed information (k,k), and the KR pieces P (k,p,p), Q (k,k,p,p), I_E."""
+
+    def expand(t_free):
+        return theta.at[free].set(t_free)
+
+    def phi_of(t_free):
+        V = model(expand(t_free))
+        vinv_x = jnp.linalg.solve(V, X)
+        return jnp.linalg.inv(X.T @ vinv_x)
+
+    t0 = theta[free]
+    phi = phi_of(t0)
+    dphi = jnp.moveaxis(jax.jacfwd(phi_of)(t0), -1, 0)
+    information = -jax.jacfwd(jax.grad(lambda t: reml_loglik(expand(t), y, X, model)))(t0)
+
+    V = model(theta)
+    chol = jnp.linalg.cholesky(V)
+    v_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(V.shape[0], dtype=V.dtype))
+    v_inv_x = v_inv @ X
+    basis = jnp.eye(t0.shape[0], dtype=theta.dtype)
+    dv = jax.lax.map(lambda d: jax.jvp(lambda t: model(expand(t)), (t0,), (d,))[1], basis)  # (k, n, n)
+    b = jnp.einsum("kab,bp->kap", dv, v_inv_x)  # Vᵢ V⁻¹ X
+    P = -jnp.einsum("ap,kaq->kpq", v_inv_x, b)
+    Q = jnp.einsum("iap,ab,jbq->ijpq", b, v_inv, b)
+    M = v_inv - v_inv_x @ phi @ v_inv_x.T
+    mv = jnp.einsum("ab,kbc->kac", M, dv)
+    expected = 0.5 * jnp.einsum("iab,jba->ij", mv, mv)
+    return phi, dphi, information, P, Q, expected
+
+
+_dense_pieces_jit = eqx.filter_jit(_dense_pieces)
+
+
+class Pieces:
+    """The derivative computations of one fit, done once (one compiled program per model structure)."""
+
+    def __init__(self, theta, y, X, model, at_boundary):
+        at_boundary = np.asarray(at_boundary, dtype=bool)
+        if at_boundary.any():
+            warnings.warn(
+                "some covariance parameters are at their boundary; they are held fixed for the "
+                "Satterthwaite / Kenward-Roger degrees of freedom",
+                stacklevel=4,
+            )
+        free = np.flatnonzero(~at_boundary)
+        out = _pieces_call(theta, y, X, model, free)
+        self.phi, self.dphi, self.information, self.P, self.Q, self.expected = (np.asarray(o, float) for o in out)
+        self._phi_adj = None
+
+    def acov_theta(self) -> np.ndarray:
+        return _inverse(self.information, "observed information of θ")
+
+    def satterthwaite(self, L: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+        """(vcov of Lβ̂ (q,q), ν, the per-direction νᵢ) by lmerTest's rule for q rows of L."""
+        acov = self.acov_theta()
+        cov = L @ self.phi @ L.T
+        if L.shape[0] == 1:
+            return cov, float(self._nu(L[0], acov)), None
+        d, U = np.linalg.eigh(cov)
+        nus = np.array([self._nu(row, acov) for row in U.T @ L])
+        return cov, _fstat_ddf(nus), nus
+
+    def _nu(self, c, acov) -> float:
+        var = c @ self.phi @ c
+        g = np.einsum("kpq,p,q->k", self.dphi, c, c)
+        return 2.0 * var**2 / (g @ acov @ g) if g.size else np.inf
+
+    def phi_adjusted(self) -> np.ndarray:
+        if self._phi_adj is None:
+            W = _inverse(self.expected, "expected information of θ")
+            phi, P = self.phi, self.P
+            pphip = np.einsum("iab,bc,jcd->ijad", P, phi, P)
+            U = np.einsum("ij,ijab->ab", W, self.Q - pphip)
+            self._phi_adj = phi + 2.0 * phi @ U @ phi
+        return self._phi_adj
+
+    def kenward_roger(self, L: np.ndarray, beta: np.ndarray) -> tuple[float, float, float]:
+        """(F statistic scaled by λ, numerator df q, denominator df m) of H₀: Lβ = 0 (pbkrtest's ``.KR_adjust``)."""
+        phi, P = self.phi, self.P
+        W = _inverse(self.expected, "expected information of θ")
+        q = int(np.linalg.matrix_rank(L))
+        theta_m = L.T @ np.linalg.solve(L @ phi @ L.T, L)
+        u = np.einsum("ab,kbc,cd->kad", theta_m @ phi, P, phi)
+        tr = np.trace(u, axis1=1, axis2=2)
+        a1 = float(tr @ W @ tr)
+        a2 = float(np.einsum("ij,iab,jba->", W, u, u))
+        b = (a1 + 6.0 * a2) / (2.0 * q)
+        g = ((q + 1) * a1 - (q + 4) * a2) / ((q + 2) * a2)
+        denom = 3 * q + 2 * (1 - g)
+        c1, c2, c3 = g / denom, (q - g) / denom, (q + 2 - g) / denom
+        v0 = 1 + c1 * b
+        v0 = 0.0 if abs(v0) < 1e-10 else v0
+        rho = (1.0 / q) * ((1 - a2 / q) / (1 - c2 * b)) ** 2 * v0 / (1 - c3 * b)
+        m = 4 + (q + 2) / (q * rho - 1)
+        scale = 1.0 if abs(m - 4) < 1e-10 else m * (1 - a2 / q) / (m - 2)
+        lb = L @ beta
+        wald = float(lb @ np.linalg.solve(L @ self.phi_adjusted() @ L.T, lb))
+        return scale * wald / q, q, float(m)
+
+
+def _pieces_call(theta, y, X, model, free):
+    free = jnp.asarray(free, dtype=jnp.int32)
+    return _dense_pieces_jit(theta, y, X, model, free)
+
+
+def _inverse(matrix: np.ndarray, what: str) -> np.ndarray:
+    try:
+        return np.linalg.inv(matrix)
+    except np.linalg.LinAlgError as err:
+        raise np.linalg.LinAlgError(f"the {what} is singular: no degrees of freedom can be computed") from err
+
+
+def _fstat_ddf(nus: np.ndarray, tol: float = 1e-8) -> float:
+    """lmerTest's ``get_Fstat_ddf``: one df from the per-direction Satterthwaite dfs."""
+    if np.all(np.abs(nus - nus[0]) < tol):
+        return float(nus[0])
+    if np.any(nus <= 2):
+        return 2.0
+    e = float(np.sum(nus / (nus - 2)))
+    return 2.0 * e / (e - nus.size)
+
+
+def _warn_nan(values, what: str):
+    if np.any(~np.isfinite(values)):
+        warnings.warn(f"{what}: some degrees of freedom could not be computed (NaN)", stacklevel=4)
+
+
+def coef_table(
+    beta: Float[Array, " p"],
+    X: Float[Array, "n p"],
+    names: list[str],
+    ddf: str | None,
+    pieces_factory,
+    vcov_beta: Float[Array, "p p"],
+) -> pd.DataFrame:
+    """Per-coefficient t-tests (z-tests for ``ddf=None``): columns estimate, se, df, t, p (two-sided)."""
+    beta = np.asarray(beta, dtype=float)
+    p = beta.shape[0]
+    eye = np.eye(p)
+    if ddf is None:
+        se = np.sqrt(np.diagonal(np.asarray(vcov_beta, dtype=float)))
+        df = np.full(p, np.inf)
+    elif ddf == "residual":
+        X = np.asarray(X, dtype=float)
+        se = np.sqrt(np.diagonal(np.asarray(vcov_beta, dtype=float)))
+        df = np.full(p, float(X.shape[0] - np.linalg.matrix_rank(X)))
+    else:
+        pieces = pieces_factory()
+        if ddf == "satterthwaite":
+            se = np.sqrt(np.diagonal(pieces.phi))
+            df = np.array([pieces.satterthwaite(eye[i : i + 1])[1] for i in range(p)])
+        else:
+            se = np.sqrt(np.diagonal(pieces.phi_adjusted()))
+            df = np.array([pieces.kenward_roger(eye[i : i + 1], beta)[2] for i in range(p)])
+        _warn_nan(df, f"coef_table(ddf={ddf!r})")
+    t = beta / se
+    pval = 2.0 * stats.t.sf(np.abs(t), df) if ddf is not None else 2.0 * stats.norm.sf(np.abs(t))
+    return pd.DataFrame({"estimate": beta, "se": se, "df": df, "t": t, "p": pval}, index=pd.Index(names))
+
+
+def anova_table(
+    beta: Float[Array, " p"], terms: dict[str, list[int]], ddf: str, pieces_factory, sigma2: float
+) -> pd.DataFrame:
+    """Type III F-tests of each term's coefficients jointly (lmerTest's layout); ``terms``: name → columns of X."""
+    beta = np.asarray(beta, dtype=float)
+    pieces = pieces_factory()
+    rows = {}
+    eye = np.eye(beta.shape[0])
+    for name, cols in terms.items():
+        L = eye[list(cols)]
+        if ddf == "satterthwaite":
+            cov, den, _ = pieces.satterthwaite(L)
+            lb = L @ beta
+            q = int(np.linalg.matrix_rank(L))
+            f = float(lb @ np.linalg.solve(cov, lb)) / q
+        else:
+            f, q, den = pieces.kenward_roger(L, beta)
+        rows[name] = {
+            "Sum Sq": f * q * sigma2,
+            "Mean Sq": f * sigma2,
+            "NumDF": float(q),
+            "DenDF": den,
+            "F value": f,
+            "Pr(>F)": float(stats.f.sf(f, q, den)),
+        }
+    table = pd.DataFrame.from_dict(
+        rows, orient="index", columns=["Sum Sq", "Mean Sq", "NumDF", "DenDF", "F value", "Pr(>F)"]
+    )
+    _warn_nan(table["DenDF"].to_numpy(), f"anova(ddf={ddf!r})")
+    return table
