@@ -13,8 +13,10 @@ import numpy as np
 from jax.errors import JaxRuntimeError
 from jaxtyping import Array, Float
 
-from ._backends.mme import mme_evaluate, mme_structure, prepare, static_block_diagonal
+from ._backends.equations import EQUATIONS, equations_structure
+from ._backends.mme import mme_structure, static_block_diagonal
 from ._backends.select import choose
+from ._backends.sparse import check_memory, sparse_pattern, sparse_structure
 from ._config import as_float_array, float_dtype
 from ._covariance.observed import observation_count, observed_data
 from ._covariance.queries import as_covariance, observed_mask
@@ -89,6 +91,7 @@ def _fit(
     ub,
     tolerances,
     eta,
+    pattern=None,
     *,
     reml,
     algorithm,
@@ -123,11 +126,11 @@ def _fit(
     # variance = e^{p·θ} on the scale parameters: p = 1 / (θ(e·v) − θ(v))
     powers = jnp.where(scale_mask, 1.0 / (model.default_theta(scale * jnp.e) - model.default_theta(scale)), 1.0)
     mme = None
-    if backend == "mme":
-        # Z, ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
-        structure = mme_structure(model)
-        data = prepare(structure, y, X, block_diagonal=mme_blocks)
-        mme = (mme_structure(model_values), _stop_gradient(data))
+    if backend in EQUATIONS:
+        # ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
+        structure = equations_structure(model, backend)
+        data = structure.prepare(y, X, pattern if backend == "sparse" else mme_blocks)
+        mme = (equations_structure(model_values, backend), _stop_gradient(data))
     out = run(
         model_values,
         y_values,
@@ -157,9 +160,9 @@ def _fit(
         theta = eqx.error_if(theta, out.status == INVALID_START, STATUS_MESSAGES[INVALID_START])
     at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
     free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
-    if backend == "mme":
-        theta = implicit_theta_mme(theta, free, model, y, X, reml, mme_blocks)
-        c, final = mme_evaluate(theta, y, X, structure, reml=reml, information="ai", data=data)
+    if backend in EQUATIONS:
+        theta = implicit_theta_mme(theta, free, model, y, X, reml, mme_blocks, backend)
+        c, final = structure.evaluate(theta, y, X, reml=reml, information="ai", data=data)
     else:
         theta, c = fitted_core(theta, free, model, y, X, reml)
         final = derivatives_at(
@@ -293,9 +296,9 @@ class _Jitted:
                 leaves[i] = next(it)
         return leaves
 
-    def _traced(self, dynamic, y, X, theta0, lb, ub, tolerances, eta):
+    def _traced(self, dynamic, y, X, theta0, lb, ub, tolerances, eta, pattern):
         model = self.treedef.unflatten(self._merge(dynamic, self.static, self.n_leaves))
-        result = _fit(model, y, X, theta0, lb, ub, tolerances, eta, **dict(self.options))
+        result = _fit(model, y, X, theta0, lb, ub, tolerances, eta, pattern, **dict(self.options))
         leaves, treedef = jax.tree_util.tree_flatten(result)
         arrays, static = [], []
         for i, leaf in enumerate(leaves):
@@ -332,9 +335,12 @@ def _split_model(model):
 
 
 def _mme_q(model):
-    """Number of random effects q when the MME back end can evaluate the model, else None."""
+    """(q, blocked): the number of random effects when the MME back ends can evaluate the model (else None), and
+    whether it has the blocked form of the sparse one."""
     structure = mme_structure(model)
-    return None if structure is None else structure.q
+    if structure is None:
+        return None, False
+    return structure.q, sparse_structure(model) is not None
 
 
 def _model_info(model, split):
@@ -603,10 +609,16 @@ def estimate(
         em_plan = None
     if max_iter < 0 or max_halvings < 1 or min_iter < 0:
         raise ValueError("max_iter and min_iter must be >= 0 and max_halvings >= 1")
-    resolved_backend = choose(backend, mme_q, shape[0], algo.information, derivatives).name
+    mme_q, blocked = mme_q
+    resolved_backend = choose(backend, mme_q, shape[0], algo.information, derivatives, blocked=blocked).name
     mme_blocks = None
     if resolved_backend == "mme" and not any(_is_traced(a) for a in model_leaves):
         mme_blocks = static_block_diagonal(mme_structure(model))
+    pattern = None
+    if resolved_backend == "sparse":
+        blocked_form = sparse_structure(model)
+        check_memory(blocked_form, X.shape[1], k)
+        pattern = sparse_pattern(blocked_form)  # None under a transform of the model: then L₂₁ is dense
     options = (
         ("reml", reml),
         ("algorithm", algo),
@@ -642,9 +654,9 @@ def estimate(
             jitted = None
     try:
         if jitted is not None:
-            result = jitted(dynamic, y, X, theta0, bounds[0], bounds[1], tolerances, eta)
+            result = jitted(dynamic, y, X, theta0, bounds[0], bounds[1], tolerances, eta, pattern)
         else:
-            result = _fit_jit(model, y, X, theta0, bounds[0], bounds[1], tolerances, eta, **dict(options))
+            result = _fit_jit(model, y, X, theta0, bounds[0], bounds[1], tolerances, eta, pattern, **dict(options))
         status = None if _is_traced(result.status) else int(result.status)
     except JaxRuntimeError as err:
         if jitted is not None and STATUS_MESSAGES[INVALID_START] in str(err):

@@ -38,7 +38,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from ._backends.mme import mme_core, mme_structure, prepare
+from ._backends.equations import equations_structure
 from ._likelihood import Core, core, trace_weight
 
 
@@ -102,7 +102,9 @@ def fitted_core(theta_hat, free, model, y, X, reml: bool) -> tuple[jax.Array, Co
     return _fitted(static, reml, jax.lax.stop_gradient(theta_hat), free, dynamic, y, X)
 
 
-def implicit_theta_mme(theta_hat, free, model, y, X, reml: bool, block_diagonal: bool | None = None):
+def implicit_theta_mme(
+    theta_hat, free, model, y, X, reml: bool, block_diagonal: bool | None = None, backend: str = "mme"
+):
     """θ̂ as a differentiable function of (model arrays, y, X) for the mixed-model-equations back end.
 
     The same theorem, dθ̂ = H⁻¹ (∂s/∂p) dp, with the score s and H = −∂s/∂θ taken by autodiff of the MME
@@ -111,15 +113,15 @@ def implicit_theta_mme(theta_hat, free, model, y, X, reml: bool, block_diagonal:
     the fit. ``block_diagonal`` is the fit's static block decision (``_backends.mme.static_block_diagonal``).
     """
     dynamic, static = eqx.partition(model, eqx.is_array)
-    config = (reml, block_diagonal)
+    config = (reml, block_diagonal, backend)
     return _theta_mme(static, config, jax.lax.stop_gradient(theta_hat), free, dynamic, y, X)
 
 
 def _mme_loglik(theta, dynamic, y, X, static, config):
-    reml, block_diagonal = config
+    reml, block_diagonal, backend = config
     model = eqx.combine(dynamic, static)
-    structure = mme_structure(model)
-    return mme_core(theta, y, X, structure, reml, prepare(structure, y, X, block_diagonal)).loglik
+    structure = equations_structure(model, backend)
+    return structure.core(theta, y, X, reml, structure.prepare(y, X, block_diagonal)).loglik
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))

@@ -19,6 +19,7 @@ from ._covariance.compose import ConstantMatrix as ConstantMatrix
 from ._covariance.compose import CovariancePropagation as CovariancePropagation
 from ._covariance.compose import CustomMatrix as CustomMatrix
 from ._covariance.compose import DummyMatrix as DummyMatrix
+from ._covariance.compose import GroupedColumns as GroupedColumns
 from ._covariance.compose import KroneckerProduct as KroneckerProduct
 from ._covariance.compose import Sum as Sum
 from ._covariance.kernels import KernelMatrix as KernelMatrix

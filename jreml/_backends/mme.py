@@ -48,13 +48,20 @@ from jax.scipy.linalg import block_diag, cho_solve
 from jaxtyping import Array, Bool, Float
 
 from .._covariance.basic import DiagonalMatrix, IdentityMatrix, KnownDiagonalMatrix, ScalarMatrix, UnstructuredMatrix
-from .._covariance.compose import ConstantMatrix, CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
+from .._covariance.compose import (
+    ConstantMatrix,
+    CovariancePropagation,
+    DummyMatrix,
+    GroupedColumns,
+    KroneckerProduct,
+    Sum,
+)
 from .._covariance.observed import ObservedRows
 from .._likelihood import INFORMATION, Core, Derivatives, _cholesky, gaussian_loglik
 
 
 class Term(NamedTuple):
-    Z: object  # DummyMatrix or ConstantMatrix (no parameters)
+    Z: object  # DummyMatrix, GroupedColumns or ConstantMatrix (no parameters)
     G: object  # a module whose Cholesky factor _factor knows
     offset: int  # position of G's first parameter in θ
     size: int  # G's number of parameters
@@ -82,6 +89,15 @@ class Structure(NamedTuple):
     def heteroscedastic(self) -> bool:
         """Whether R(θ) has ``KnownDiagonalMatrix`` parts (then it is an n-vector, not σ²·I)."""
         return len(self.residual) > 1
+
+    def prepare(self, y, X, block_diagonal: bool | None = None) -> Prepared:
+        return prepare(self, y, X, block_diagonal)
+
+    def core(self, theta, y, X, reml: bool, data: Prepared) -> Core:
+        return mme_core(theta, y, X, self, reml, data)
+
+    def evaluate(self, theta, y, X, *, reml: bool, information: str, data: Prepared) -> tuple[Core, Derivatives]:
+        return mme_evaluate(theta, y, X, self, reml=reml, information=information, data=data)
 
 
 def _factorable(G) -> bool:
@@ -112,7 +128,8 @@ def mme_structure(model) -> Structure | None:
             weighted.append(ResidualPart(term, offset))
         elif isinstance(term, CovariancePropagation):
             Z, G = term.Z, term.G
-            if not isinstance(Z, DummyMatrix | ConstantMatrix) or Z.num_free_params or not _factorable(G):
+            fixed_design = isinstance(Z, DummyMatrix | GroupedColumns | ConstantMatrix) and not Z.num_free_params
+            if not fixed_design or not _factorable(G):
                 return None
             terms.append(Term(Z, G, offset, G.num_free_params, Z.shape[1]))
         else:
@@ -196,8 +213,9 @@ def static_block_diagonal(structure: Structure | None) -> bool | None:
     if layout is None:
         return None
     Z = structure.terms[0].Z
-    if isinstance(Z, DummyMatrix):
-        return None if isinstance(Z.codes, jax.core.Tracer) else layout[1] == 1
+    if isinstance(Z, DummyMatrix | GroupedColumns):  # one level per row: its non-zeros lie in one block
+        width = Z.block if isinstance(Z, GroupedColumns) else 1
+        return None if isinstance(Z.codes, jax.core.Tracer) else layout[1] == width
     if isinstance(Z.matrix, jax.core.Tracer):
         return None
     non_zero = np.asarray(Z.matrix) != 0
@@ -335,18 +353,29 @@ def _small_cholesky(a):
     return jnp.stack(rows, axis=-2)
 
 
+def small_forward(chol, rhs):
+    """L⁻¹·rhs for stacks of small lower-triangular L (..., b, b) and rhs (..., b, r), unrolled."""
+    b = chol.shape[-1]
+    out = []
+    for i in range(b):
+        s = rhs[..., i, :] - sum((chol[..., i, k, None] * out[k] for k in range(i)), 0.0)
+        out.append(s / chol[..., i, i, None])
+    return jnp.stack(out, axis=-2)
+
+
+def small_backward(chol, rhs):
+    """L⁻ᵀ·rhs for stacks of small lower-triangular L (..., b, b) and rhs (..., b, r), unrolled."""
+    b = chol.shape[-1]
+    out = [None] * b
+    for i in reversed(range(b)):
+        s = rhs[..., i, :] - sum((chol[..., k, i, None] * out[k] for k in range(i + 1, b)), 0.0)
+        out[i] = s / chol[..., i, i, None]
+    return jnp.stack(out, axis=-2)
+
+
 def _small_cho_solve(chol, rhs):
     """(L Lᵀ)⁻¹·rhs for stacks of small lower-triangular L (..., b, b) and rhs (..., b, r), unrolled."""
-    b = chol.shape[-1]
-    forward = []
-    for i in range(b):
-        s = rhs[..., i, :] - sum((chol[..., i, k, None] * forward[k] for k in range(i)), 0.0)
-        forward.append(s / chol[..., i, i, None])
-    back = [None] * b
-    for i in reversed(range(b)):
-        s = forward[i] - sum((chol[..., k, i, None] * back[k] for k in range(i + 1, b)), 0.0)
-        back[i] = s / chol[..., i, i, None]
-    return jnp.stack(back, axis=-2)
+    return small_backward(chol, small_forward(chol, rhs))
 
 
 def _dense_blocks(blocks):
@@ -397,24 +426,31 @@ def mme_core(theta, y, X, structure: Structure, reml: bool = True, data: Prepare
 
 
 def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, block: bool) -> Core:
-    n, p = X.shape
     if structure.observed is not None:
         X = jnp.where(structure.observed[:, None], X, 0.0).astype(X.dtype)
     factor, ok_a, logdet_a = (_block_solver if block else _dense_solver)(theta, structure, data)
-    W = jnp.concatenate([X, data.y0[:, None]], axis=1)
     zt_w = None if structure.heteroscedastic else jnp.concatenate([data.ztx, data.zty0[:, None]], axis=1)
-    v_inv_w = _v_inv(factor, data, W, zt_w)
+    return gls_core(
+        lambda W: _v_inv(factor, data, W, zt_w), X, data.y0, data.b0, structure, factor, logdet_a, ok_a, reml
+    )
+
+
+def gls_core(v_inv, X, y0, b0, structure, factor, logdet_a, ok_a, reml: bool) -> Core:
+    """ℓ, β̂ and Py from a back end's Woodbury solve ``v_inv`` (n×r ↦ V⁻¹·(n×r)) and log|A| (A = ΛᵀZᵀR⁻¹ZΛ + I), shared
+    by the equations' back ends: log|V| = log|R| + log|A|, and the GLS on the OLS residuals y0 = y − X·b0.
+    ``structure`` gives ``observed`` and the residual parts; ``factor.residual`` is R (σ², or its diagonal)."""
+    n, p = X.shape
+    v_inv_w = v_inv(jnp.concatenate([X, y0[:, None]], axis=1))
     v_inv_x, v_inv_y0 = v_inv_w[:, :p], v_inv_w[:, p]
     xvx = X.T @ v_inv_x
     chol_xvx, ok_x = _cholesky(0.5 * (xvx + xvx.T))
     delta = cho_solve((chol_xvx, True), X.T @ v_inv_y0)  # β̂ − b0
     p_y = v_inv_y0 - v_inv_x @ delta
-    resid = data.y0 - X @ delta
-    beta = data.b0 + delta
+    resid = y0 - X @ delta
     quad = resid @ p_y
     if structure.observed is not None:  # ``ObservedRows``: only the observed rows count
         n = jnp.sum(structure.observed, dtype=X.dtype)
-    if structure.heteroscedastic:
+    if factor.residual.ndim == 1:
         log_r = jnp.log(factor.residual)
         logdet_r = jnp.sum(log_r if structure.observed is None else jnp.where(structure.observed, log_r, 0.0))
     else:
@@ -422,7 +458,7 @@ def _core(theta, y, X, structure: Structure, reml: bool, data: Prepared, block: 
     loglik = gaussian_loglik(logdet_r + logdet_a, chol_xvx, quad, n, reml)
     ok = ok_a & ok_x & jnp.all(factor.residual > 0) & jnp.isfinite(loglik)
     loglik = jnp.where(ok, loglik, -jnp.inf)
-    return Core(ok, factor, v_inv_x, chol_xvx, beta, p_y, loglik)
+    return Core(ok, factor, v_inv_x, chol_xvx, b0 + delta, p_y, loglik)
 
 
 def _dv_times_py(theta, structure: Structure, data: Prepared, p_y, block: bool = False):

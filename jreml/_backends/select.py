@@ -13,13 +13,25 @@ from .._covariance.base import AbstractCovariance
 from .._covariance.queries import spectral_terms
 from .._solvers import as_algorithm
 from .mme import mme_structure
+from .sparse import sparse_structure
 
 #: The ``backend=`` values of ``estimate`` and ``fit``.
-BACKENDS = ("auto", "dense", "mme")
+BACKENDS = ("auto", "dense", "mme", "sparse")
+
+#: From this many random effects on, "auto" solves the equations of a model with the blocked form on the sparse
+#: back end: the dense q×q factor of "mme" costs O(q³) per evaluation and n·q numbers of memory, the blocked one
+#: O(r²·q₁ + r³) (r: the random effects outside the largest term). Below it both are a few milliseconds.
+SPARSE_MIN_Q = 200
 
 #: Options the spectral path of ``fit_batch``/``bootstrap`` has; a batch given any other option (even at its
 #: default value) runs on the general loop instead, whose defaults it then gets.
 SPECTRAL_OPTIONS = frozenset({"max_iter", "max_halvings", "min_iter", "tol_score", "tol_delta", "tol_loglik"})
+
+_SPARSE_FORM = (
+    'backend="sparse" needs V = sum_j Z_j G_j Z_j^T + residual with each Z_j a factor\'s codes (DummyMatrix or '
+    "GroupedColumns) and G_j = I (x) B_j (Scalar, Diagonal, Identity, or Kronecker(Identity, B)): the random terms "
+    "of an lme4 formula without relmat"
+)
 
 _MME_FORM = (
     'backend="mme" needs V = sum_j Z_j G_j Z_j^T + s2*I: a Sum of CovariancePropagation terms with a '
@@ -32,11 +44,13 @@ class BackendChoice(NamedTuple):
     """The back end that evaluates a model, and why.
 
     ``name``: "dense" (Cholesky of the n×n V, O(n³) per evaluation), "mme" (the mixed-model equations, q×q
-    factors, O(n·q² + q³)) or "spectral" (one eigendecomposition of the kernel, then O(n·p²) per evaluation; batches
-    only). ``q``: the number of random effects of the mixed-model-equations form (None without that form).
+    factors, O(n·q² + q³)), "sparse" (the blocked equations: a diagonal block, a sparse cross block and a dense
+    Schur block, see ``_backends.sparse``) or "spectral" (one eigendecomposition of the kernel, then O(n·p²) per
+    evaluation; batches only). ``q``: the number of random effects of the mixed-model-equations form (None
+    without that form).
     """
 
-    name: Literal["dense", "mme", "spectral"]
+    name: Literal["dense", "mme", "sparse", "spectral"]
     reason: str
     q: int | None = None
 
@@ -53,13 +67,17 @@ def choose(
     derivatives: str,
     spectral: bool = False,
     batch_options=None,
+    blocked: bool = False,
 ) -> BackendChoice:
     """``select_backend``'s rules on what it has found out about the model (``q`` from ``mme_structure``,
-    ``spectral`` from ``spectral_terms``), for callers that cache those (``estimate``)."""
+    ``blocked`` from ``sparse_structure``, ``spectral`` from ``spectral_terms``), for callers that cache those
+    (``estimate``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "mme" and q is None:
         raise ValueError(_MME_FORM)
+    if backend == "sparse" and not blocked:
+        raise ValueError(_SPARSE_FORM)
     if batch_options is not None and spectral and set(batch_options) <= SPECTRAL_OPTIONS:
         return BackendChoice("spectral", "V = s2_k*K + s2_e*I fitted in batches: one eigendecomposition of K", q)
     if backend == "dense":
@@ -72,8 +90,13 @@ def choose(
         return BackendChoice("dense", "the model is not sum_j Z_j G_j Z_j^T + residual with fixed Z_j", q)
     if backend == "auto" and q >= n:
         return BackendChoice("dense", f"q = {q} random effects for n = {n} observations (q >= n)", q)
-    why = 'backend="mme" was asked for' if backend == "mme" else f"q = {q} random effects < n = {n} observations"
-    return BackendChoice("mme", why, q)
+    if backend == "sparse":
+        return BackendChoice("sparse", 'backend="sparse" was asked for', q)
+    if backend == "mme":
+        return BackendChoice("mme", 'backend="mme" was asked for', q)
+    if blocked and q >= SPARSE_MIN_Q:
+        return BackendChoice("sparse", f"q = {q} >= {SPARSE_MIN_Q} random effects in the blocked form", q)
+    return BackendChoice("mme", f"q = {q} random effects < n = {n} observations", q)
 
 
 def select_backend(
@@ -88,14 +111,17 @@ def select_backend(
 
     Rules, in order (the first that applies decides):
 
-    1. ``backend`` must be "auto", "dense" or "mme"; "mme" for a model without that form is an error.
+    1. ``backend`` must be "auto", "dense", "mme" or "sparse"; "mme" or "sparse" for a model without that form is
+       an error.
     2. In a batch (``batch_options``: the options given to ``fit_batch`` or ``bootstrap``, ``None`` for a single
        fit), a model V = σ²_k·K + σ²_e·I runs on the **spectral** path, unless an option outside
        ``SPECTRAL_OPTIONS`` is given (the spectral fit has no such option).
     3. ``backend="dense"``, ``algorithm="fisher"`` (the expected information needs every ∂V/∂θ as an n×n
        matrix) and ``derivatives`` other than "auto" run **dense**.
     4. A model Σ_j Z_j G_j Z_jᵀ + σ²I (+ known diagonals) with fixed Z_j and q = Σ q_j random effects runs on the
-       **mixed-model equations** when q < n (or whenever ``backend="mme"``).
+       **mixed-model equations** when q < n (or whenever ``backend="mme"`` / ``"sparse"``): on the blocked
+       **sparse** ones when every Z_j is a factor's codes with G_j = I ⊗ B_j (``sparse_structure``: the terms of
+       an lme4 formula without relmat) and q ≥ ``SPARSE_MIN_Q``, else on the dense q×q ones (**mme**).
     5. Anything else runs **dense**.
 
     Args:
@@ -108,6 +134,7 @@ def select_backend(
     """
     structure = mme_structure(model)
     q = None if structure is None else structure.q
+    blocked = structure is not None and sparse_structure(model) is not None
     spectral = batch_options is not None and spectral_terms(model) is not None
     information = as_algorithm(algorithm).information
-    return choose(backend, q, model.shape[0], information, derivatives, spectral, batch_options)
+    return choose(backend, q, model.shape[0], information, derivatives, spectral, batch_options, blocked)

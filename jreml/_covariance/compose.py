@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
-from .._config import float_dtype
+from .._config import as_float_array, float_dtype
 from .base import (  # noqa: F401  (ConstantMatrix, Sum, as_module and _split are imported from here too)
     AbstractCovariance,
     AbstractKnownMatrix,
@@ -118,6 +118,68 @@ class DummyMatrix(AbstractKnownMatrix):
         return jnp.mean((self.codes != 0).astype(jnp.result_type(float)))
 
 
+class GroupedColumns(AbstractKnownMatrix):
+    """The n×(L·b) design of a vector-valued random term ``(x₁ + … + x_b | g)``: row i holds its b values
+    ``values[i]`` in the columns of its level, Z[i, codes[i]·b + k] = values[i, k] (level-major, the layout of
+    G = I_L ⊗ B). Stored as codes and values (n·b numbers), never as the dense n×(L·b) matrix, which is built only
+    on call; ``times`` / ``transpose_times`` are gathers and segment sums, O(n·b).
+    """
+
+    codes: Int[Array, " n"]
+    values: Float[Array, "n b"]
+    n_levels: int = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+
+    def __init__(self, codes, values, n_levels: int, name: str | None = None):
+        codes = jnp.asarray(codes)
+        values = as_float_array(values, "values")
+        if codes.ndim != 1 or values.ndim != 2 or values.shape[0] != codes.shape[0]:
+            raise ValueError(
+                f"GroupedColumns needs codes (n,) and values (n, b), got shapes {codes.shape} and {values.shape}"
+            )
+        if not jnp.issubdtype(codes.dtype, jnp.integer):
+            raise TypeError(f"GroupedColumns codes must be integers, got {codes.dtype}")
+        if (
+            not isinstance(codes, jax.core.Tracer)
+            and codes.size
+            and not (0 <= int(codes.min()) and int(codes.max()) < n_levels)
+        ):
+            low, high = int(codes.min()), int(codes.max())
+            raise ValueError(f"GroupedColumns codes must lie in [0, {n_levels}), got {low}..{high}")
+        self.codes = codes
+        self.values = values
+        self.n_levels = int(n_levels)
+        self.name = name
+
+    @property
+    def block(self) -> int:
+        """b, the columns per level."""
+        return self.values.shape[1]
+
+    shape = property(lambda self: (self.codes.shape[0], self.n_levels * self.values.shape[1]))
+
+    def __call__(self, theta=None):
+        theta = self._check_theta(jnp.zeros((0,), float_dtype()) if theta is None else theta)
+        onehot = jax.nn.one_hot(self.codes, self.n_levels, dtype=theta.dtype)
+        return (onehot[:, :, None] * self.values.astype(theta.dtype)[:, None, :]).reshape(self.shape)
+
+    def times(self, theta, u):
+        """Z·u (u of length L·b, or (L·b, r)) by a gather on the codes."""
+        blocks = u.reshape(self.n_levels, self.block, *u.shape[1:])[self.codes]  # (n, b, ...)
+        values = self.values.astype(u.dtype)
+        return jnp.einsum("nb,nb...->n...", values, blocks)
+
+    def transpose_times(self, theta, v):
+        """Zᵀ·v (v of length n, or (n, r)) by a segment sum over the codes."""
+        values = self.values.astype(v.dtype)
+        rows = jnp.einsum("nb,n...->nb...", values, v)
+        summed = jax.ops.segment_sum(rows, self.codes, num_segments=self.n_levels)
+        return summed.reshape(self.n_levels * self.block, *v.shape[1:])
+
+    def mean_row_square_sum(self):
+        return jnp.mean(jnp.sum(self.values**2, axis=1))
+
+
 class CovariancePropagation(AbstractCovariance):
     """V(θ) = Z(θ_Z) · G(θ_G) · Z(θ_Z)ᵀ: the covariance of Zu for a random effect u ~ N(0, G).
 
@@ -169,7 +231,7 @@ class CovariancePropagation(AbstractCovariance):
         return jnp.concatenate([self.Z.build_params(theta_z), self.G.build_params(theta_g)])
 
     def _z_scale(self):
-        if isinstance(self.Z, DummyMatrix):
+        if isinstance(self.Z, DummyMatrix | GroupedColumns):
             return self.Z.mean_row_square_sum()
         z = self.Z(self.Z.default_theta(jnp.asarray(1.0)))
         return jnp.mean(jnp.sum(z * z, axis=1))

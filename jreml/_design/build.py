@@ -11,7 +11,7 @@ import pandas as pd
 
 from .._covariance.base import AbstractCovariance
 from .._covariance.basic import FixedMatrix, IdentityMatrix, ScalarMatrix, UnstructuredMatrix
-from .._covariance.compose import CovariancePropagation, DummyMatrix, KroneckerProduct, Sum
+from .._covariance.compose import CovariancePropagation, DummyMatrix, GroupedColumns, KroneckerProduct, Sum
 from .factors import dummy_matrix
 from .formula import FormulaError, ParsedFormula, RandomSpec, parse_formula
 from .materialize import model_matrix
@@ -162,15 +162,11 @@ def _relationship(K, levels: tuple[str, ...], group: str) -> np.ndarray:
 
 
 def _slope_term(M: np.ndarray, labels: tuple[str, ...], factor: DummyMatrix, name: str) -> CovariancePropagation:
-    """Z = n×(q·m), subject-major: column j·m + k is level j's k-th term; G = I_q ⊗ Unstructured(m)."""
-    n, m = M.shape
+    """Z = n×(q·m) level-major (column j·m + k is level j's k-th term), kept as codes and M (``GroupedColumns``);
+    G = I_q ⊗ Unstructured(m)."""
     q = factor.n_levels
-    codes = np.asarray(factor.codes)
-    Z = np.zeros((n, q * m))
-    rows = np.arange(n)
-    for k in range(m):
-        Z[rows, codes * m + k] = M[:, k]
-    G = KroneckerProduct(IdentityMatrix(q), UnstructuredMatrix(m, labels=labels))
+    Z = GroupedColumns(factor.codes, M, q)
+    G = KroneckerProduct(IdentityMatrix(q), UnstructuredMatrix(M.shape[1], labels=labels))
     return CovariancePropagation(Z, G, name=name)
 
 

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._backends.mme import mme_evaluate
 from .._likelihood import core, derivatives_at
 from .base import AbstractAlgorithm, em_direction, free_mask, projected_solve
 from .results import RESULTS
@@ -57,10 +56,11 @@ class Evaluation(NamedTuple):
 def evaluate(theta, y, X, model, *, reml, information, derivatives, dv_builder, mme=None) -> Evaluation:
     """ℓ, β̂, score and information at θ; score and information are zero where V is not PD.
 
-    ``mme``: ``(structure, prepared)`` of the MME back end (``_backends.mme``), or None for the dense path.
+    ``mme``: ``(structure, prepared)`` of an equations back end (``_backends.equations``), or None for the dense
+    path.
     """
     if mme is not None:
-        c, d = mme_evaluate(theta, y, X, mme[0], reml=reml, information=information, data=mme[1])
+        c, d = mme[0].evaluate(theta, y, X, reml=reml, information=information, data=mme[1])
     else:
         c = core(theta, y, X, model, reml)
         d = derivatives_at(
