@@ -43,7 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import cho_solve
 from jaxtyping import Array, Bool, Float, Int
 
 from .._covariance.basic import DiagonalMatrix, IdentityMatrix, KnownDiagonalMatrix, ScalarMatrix
@@ -196,14 +196,16 @@ class Pattern(NamedTuple):
 
     Per Schur term j: ``entry[j]`` (n,) numbers the distinct (level of term 1, level of j) pairs of the rows; the
     pair e has ``level1[j][e]`` and ``level[j][e]``. L₂₁'s rows are kept as "row entries" s: b_j per pair (one for
-    each of term j's b_j columns), each a b₁-vector at Schur row ``row[s]`` and first-term level ``column[s]``.
-    ``pair_a``/``pair_b`` list every two row entries of the same first-term level and ``pair_at`` the flat index
+    each of term j's b_j columns), each a b₁-vector at Schur row ``row[s]`` and first-term level ``column[s]``,
+    sorted by ``column`` (``order`` takes them there from the terms' order). ``pair_a`` (sorted) / ``pair_b`` list
+    every two row entries of the same first-term level, both ways round, and ``pair_at`` the flat index
     row_a·r + row_b of their product in L₂₁L₂₁ᵀ.
     """
 
     entry: tuple[Int[Array, " n"], ...]
     level1: tuple[Int[Array, " e"], ...]
     level: tuple[Int[Array, " e"], ...]
+    order: Int[Array, " s"]
     row: Int[Array, " s"]
     column: Int[Array, " s"]
     pair_a: Int[Array, " pairs"]
@@ -242,22 +244,43 @@ def sparse_pattern(structure: SparseStructure, force: bool = False) -> Pattern |
     if not force and (n_pairs > MAX_PAIRS or n_pairs > SPARSE_PAIR_FRACTION * r * r * first.q):
         return None
     order = np.argsort(column, kind="stable")
-    size = counts[column[order]]  # the size of each sorted row entry's group
-    start = (np.cumsum(counts) - counts)[column[order]]
-    pair_a = np.repeat(order, size)
+    row, column = row[order], column[order]
+    size = counts[column]  # the size of each row entry's group
+    start = (np.cumsum(counts) - counts)[column]
+    pair_a = np.repeat(np.arange(row.shape[0]), size)
     first_of = np.repeat(np.cumsum(size) - size, size)
-    pair_b = order[np.repeat(start, size) + np.arange(n_pairs) - first_of]
+    pair_b = np.repeat(start, size) + np.arange(n_pairs) - first_of
     device = functools.partial(jnp.asarray, dtype=jnp.int32)
     return Pattern(
         tuple(map(device, entries)),
         tuple(map(device, level1s)),
         tuple(map(device, levels)),
+        device(order),
         device(row),
         device(column),
         device(pair_a),
         device(pair_b),
         device(row[pair_a] * r + row[pair_b]),
     )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def pair_products(l21, pair_a, pair_b, pair_at, r: int):
+    """L₂₁L₂₁ᵀ (r×r) from L₂₁'s row entries (s, b₁): Σ over the pattern's pairs of ⟨l_a, l_b⟩ at (row_a, row_b).
+
+    Its tangent is M + Mᵀ with M = Σ ⟨dl_a, l_b⟩ (the pair list holds both orders of every pair), so reverse mode
+    needs one gather and one (sorted) segment sum, not two of each."""
+    pairs = jnp.sum(l21[pair_a] * l21[pair_b], axis=-1)
+    return jax.ops.segment_sum(pairs, pair_at, num_segments=r * r).reshape(r, r)
+
+
+@pair_products.defjvp
+def _pair_products_jvp(r, primals, tangents):
+    l21, pair_a, pair_b, pair_at = primals
+    d_l21 = tangents[0]
+    half = jnp.sum(d_l21[pair_a] * l21[pair_b], axis=-1)
+    half = jax.ops.segment_sum(half, pair_at, num_segments=r * r).reshape(r, r)
+    return pair_products(l21, pair_a, pair_b, pair_at, r), half + half.T
 
 
 class SparseData(NamedTuple):
@@ -372,7 +395,41 @@ class SparseFactor(NamedTuple):
     lam: tuple[Float[Array, "l b b"], ...]  # each term's λ blocks (L_j, b_j, b_j)
     chol11: Float[Array, "l b b"]
     l21: Float[Array, "l b r"] | Float[Array, "s b"]  # L₂₁ᵀ by the first term's levels, or its row entries
-    chol22: Float[Array, "r r"]
+    schur: Float[Array, "r r"]  # S = A₂₂ − L₂₁L₂₁ᵀ
+    chol22: Float[Array, "r r"]  # chol(S) (``schur_logdet``, ``schur_solve``)
+
+
+@jax.custom_jvp
+def schur_logdet(schur, chol):
+    """log|S| from its Cholesky factor ``chol`` = chol(S); d log|S| = tr(S⁻¹ dS) (``chol``'s tangent is not used).
+
+    Differentiating through the factorisation instead costs about four r³ products in reverse mode (JAX's
+    Cholesky rule, Murray 2016); this rule needs S⁻¹ once, two triangular solves."""
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+
+
+@schur_logdet.defjvp
+def _schur_logdet_jvp(primals, tangents):
+    schur, chol = primals
+    d_schur, _ = tangents
+    # S⁻¹ through ``schur_solve``, so that higher derivatives (the Hessian of the implicit gradients) see its
+    # dependence on S.
+    inverse = schur_solve(schur, chol, jnp.eye(chol.shape[0], dtype=chol.dtype))
+    return schur_logdet(schur, chol), jnp.sum(inverse * d_schur)
+
+
+@jax.custom_jvp
+def schur_solve(schur, chol, rhs):
+    """S⁻¹·rhs from S's Cholesky factor ``chol``; d(S⁻¹b) = S⁻¹(db − dS·S⁻¹b) (``chol``'s tangent is not used)."""
+    return cho_solve((chol, True), rhs)
+
+
+@schur_solve.defjvp
+def _schur_solve_jvp(primals, tangents):
+    schur, chol, rhs = primals
+    d_schur, _, d_rhs = tangents
+    x = schur_solve(schur, chol, rhs)
+    return x, schur_solve(schur, chol, d_rhs - d_schur @ x)
 
 
 def _lams(theta, structure: SparseStructure):
@@ -415,8 +472,8 @@ def _factorise(theta, structure: SparseStructure, data: SparseData):
     chol11 = jnp.where(ok, chol11, jnp.eye(b1, dtype=dtype))
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol11, axis1=-2, axis2=-1)))
     if r == 0:
-        l21t = jnp.zeros((first.levels, b1, 0), dtype)
-        return SparseFactor(residual, lams, chol11, l21t, jnp.zeros((0, 0), dtype)), ok, logdet
+        l21t, empty = jnp.zeros((first.levels, b1, 0), dtype), jnp.zeros((0, 0), dtype)
+        return SparseFactor(residual, lams, chol11, l21t, empty, empty), ok, logdet
     lam_schur = _rest_lam_t(lams, structure, _rest_lam_t(lams, structure, schur).T)
     if data.pattern is None:
         # C̃ᵀ = Λ₁ᵀ Cᵀ Λ₂ by the first term's levels: (L₁, b₁, r); then L₂₁ᵀ = L₁₁⁻¹ C̃ᵀ per level.
@@ -426,13 +483,16 @@ def _factorise(theta, structure: SparseStructure, data: SparseData):
         dense = l21t.reshape(first.q, r)
         product = dense.T @ dense
     else:
-        l21t = _sparse_l21(lams, chol11, cross, data.pattern)
-        pairs = jnp.sum(l21t[data.pattern.pair_a] * l21t[data.pattern.pair_b], axis=-1)
-        product = jax.ops.segment_sum(pairs, data.pattern.pair_at, num_segments=r * r).reshape(r, r)
+        pattern = data.pattern
+        l21t = _sparse_l21(lams, chol11, cross, pattern)[pattern.order]
+        product = pair_products(l21t, pattern.pair_a, pattern.pair_b, pattern.pair_at, r)
     s = lam_schur + jnp.eye(r, dtype=dtype) - product
-    chol22, ok22 = _cholesky(0.5 * (s + s.T))
-    logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol22)))
-    return SparseFactor(residual, lams, chol11, l21t, chol22), ok & ok22, logdet
+    s = 0.5 * (s + s.T)
+    # chol(S) stays differentiable for the higher derivatives (the backward pass of the rules below solves with
+    # it); the rules themselves take every first derivative through S, so reverse mode never differentiates it.
+    chol22, ok22 = _cholesky(s)
+    logdet = logdet + schur_logdet(s, chol22)
+    return SparseFactor(residual, lams, chol11, l21t, s, chol22), ok & ok22, logdet
 
 
 def _sparse_l21(lams, chol11, cross, pattern: Pattern):
@@ -474,8 +534,7 @@ def _inner(f: SparseFactor, structure: SparseStructure, data: SparseData, v):
         x1 = small_backward(f.chol11, w1)
         return jnp.einsum("gij,gjc->gic", lam1, x1).reshape(q1, c)
     u2 = _rest_lam_t(f.lam, structure, v[q1:])
-    w2 = solve_triangular(f.chol22, u2 - _l21_times(f, data, w1, structure.rest), lower=True)
-    x2 = solve_triangular(f.chol22, w2, lower=True, trans="T")
+    x2 = schur_solve(f.schur, f.chol22, u2 - _l21_times(f, data, w1, structure.rest))
     x1 = small_backward(f.chol11, w1 - _l21_transpose_times(f, data, x2, first.levels))
     out1 = jnp.einsum("gij,gjc->gic", lam1, x1).reshape(q1, c)
     return jnp.concatenate([out1, _rest_lam_t(f.lam, structure, x2, transpose=False)], axis=0)

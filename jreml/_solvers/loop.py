@@ -259,6 +259,11 @@ def run(
             # soon reaches η·|d| < 1: a longer step comes from an ill-conditioned information, and the trust
             # region takes it.
             arc = log_scale & free & ~hold & (direction < 0) & (theta + direction < snap) & (direction > -MAX_ARC_STEP)
+            # Rise: one at or below the threshold whose step goes up moves in the variance scale too. Its log-scale
+            # step is the variance-scale Newton step divided by a variance near 0, so the trust region would let
+            # it climb back from its bound by only MAX_LOG_STEP per iteration (six iterations of InstEval's
+            # fit, whose first step sent a small variance to its bound).
+            arc = arc | (log_scale & free & ~hold & (theta <= snap) & (direction > 0))
             capped = log_scale & ~hold & ~arc
             # Trust region on log-variances: a variance changes by at most a factor e^MAX_LOG_STEP per iteration.
             # A log-variance near 0 has a tiny information and a huge Newton step. The step of the others is
