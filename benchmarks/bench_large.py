@@ -121,14 +121,13 @@ FRESH = textwrap.dedent(
     import resource, sys, time, json
     t = time.perf_counter()
     import pandas as pd, jreml
-    df = pd.read_csv(sys.argv[1], dtype={c: str for c in %r})
+    df = pd.read_csv(sys.argv[1], dtype={c: str for c in FACTORS})
     fit = jreml.fit(sys.argv[2], df, method=sys.argv[3])
     loglik = float(fit.loglik)
     print(json.dumps({"wall": time.perf_counter() - t, "loglik": loglik,
                       "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
     """
-    % (FACTORS,)
-)
+).replace("FACTORS", repr(FACTORS))
 
 
 def fresh_process(path: str, formula: str, method: str):
@@ -179,9 +178,8 @@ def part_insteval(args, r_ok: bool, tmp: str):
         source = "InstEval-shaped simulation (no R/lme4)"
     df = read(path)
     print(f"\n## InstEval: {INSTEVAL}, n = {len(df):,} ({source})\n")
-    print(
-        "method | first_s | warm_s | fresh_s | rss_gb | lme4_s | lme4/warm | loglik jreml | loglik lme4 | iter | backend"
-    )
+    columns = "first_s | warm_s | fresh_s | rss_gb | lme4_s | lme4/warm | loglik jreml | loglik lme4 | iter | backend"
+    print(f"method | {columns}")
     print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
     for method in ("reml", "ml"):
         first, warm, loglik, n_iter, backend, message = jreml_times(INSTEVAL, df, method, args.repeats)
