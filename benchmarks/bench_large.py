@@ -130,8 +130,12 @@ FRESH = textwrap.dedent(
 ).replace("FACTORS", repr(FACTORS))
 
 
-def fresh_process(path: str, formula: str, method: str):
-    out = subprocess.run([sys.executable, "-c", FRESH, path, formula, method], capture_output=True, text=True)
+def fresh_process(path: str, formula: str, method: str, blas_threads: int | None = None):
+    env = dict(os.environ)
+    if blas_threads is not None:  # as this process (``--blas-threads``)
+        env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
+    command = [sys.executable, "-c", FRESH, path, formula, method]
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -144,7 +148,7 @@ LME4 = textwrap.dedent(
     d <- read.csv(args[1], colClasses = c(s = "factor", d = "factor", dept = "factor", service = "factor",
                                           g = "factor", h = "factor"))
     t <- system.time(m <- lmer(as.formula(args[2]), data = d, REML = args[3] == "reml"))
-    cat(t[["elapsed"]], as.numeric(logLik(m)), "\\n")
+    cat(t[["elapsed"]], format(as.numeric(logLik(m)), digits = 15), "\\n")
     """
 )
 
@@ -183,7 +187,7 @@ def part_insteval(args, r_ok: bool, tmp: str):
     print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
     for method in ("reml", "ml"):
         first, warm, loglik, n_iter, backend, message = jreml_times(INSTEVAL, df, method, args.repeats)
-        fresh = fresh_process(path, INSTEVAL, method)
+        fresh = fresh_process(path, INSTEVAL, method, args.blas_threads)
         peer = lme4_fit(path, INSTEVAL, method, args.r_timeout) if r_ok else None
         peer_s = peer[0] if isinstance(peer, tuple) else None
         peer_ll = f"{peer[1]:.4f}" if isinstance(peer, tuple) else (peer or "-")

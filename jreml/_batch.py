@@ -14,6 +14,7 @@ import pandas as pd
 from ._backends.mme import mme_structure
 from ._backends.rewrites import KernelRotation, batch_form
 from ._backends.select import select_backend
+from ._backends.sparse import sparse_bytes, sparse_structure
 from ._covariance.observed import ObservedRows
 from ._covariance.queries import kernel_variance_index
 from ._design.build import build_design
@@ -135,16 +136,20 @@ def bytes_per_response(model, p: int, spectral: bool, dense: bool | None = None)
     that is the dense path, when the caller knows it already from the fit's options; None asks with the defaults).
 
     Spectral path: (p + 4)·n numbers (the rotated response and its moments). Mixed-model equations (q random
-    effects): (4 + k)·q² + (2p + 2k + 4)·n. Dense path: (4 + 3k)·n², V, its factor and inverse and, for each of
-    the k parameters, ∂V/∂θ_j and the products that build it. XLA's memory analysis of the vmapped program, per
-    extra response, for k = 3: 11.6–13.2 n² for relationship-matrix terms Z·σ²K·Zᵀ (n = 150–400), 5.1–6.2 n² for
-    FixedMatrix terms (n = 300–600). The model's own constant matrices (K, Z) are shared and not counted.
+    effects): (4 + k)·q² + (2p + 2k + 4)·n; their blocked sparse form: ``sparse_bytes``. Dense path: (4 + 3k)·n²,
+    V, its factor and inverse and, for each of the k parameters, ∂V/∂θ_j and the products that build it. XLA's
+    memory analysis of the vmapped program, per extra response, for k = 3: 11.6–13.2 n² for relationship-matrix
+    terms Z·σ²K·Zᵀ (n = 150–400), 5.1–6.2 n² for FixedMatrix terms (n = 300–600). The model's own constant
+    matrices (K, Z) are shared and not counted.
     """
     n, k = model.shape[0], model.num_free_params
     if spectral:
         return 8 * (p + 4) * n
+    choice = None if dense else select_backend(model)
     if dense is None:
-        dense = select_backend(model).dense
+        dense = choice.dense
+    if choice is not None and choice.name == "sparse":  # the blocked equations (``_backends.sparse.sparse_bytes``)
+        return sparse_bytes(sparse_structure(model), p, k)
     structure = None if dense else mme_structure(model)
     if structure is not None:
         q = structure.q

@@ -564,11 +564,14 @@ def estimate(
             calls only, as ``newton_fallback``.
         verbose: 0 silent, 1 progress bar, 2 per-iteration table (host callbacks only when verbose > 0).
         throw: raise (``eqx.error_if``) when the start is invalid; otherwise report it in ``status``.
-        backend: "auto" (default), "dense" or "mme". The mixed-model-equations back end evaluates
-            V = Σ_j Z_j G_j Z_jᵀ + σ²I (fixed Z_j, q random effects in all) in O(nq² + q³) instead of the dense
-            O(n³) Cholesky; "auto" uses it for such models when q < n, "mme" whenever the model has the form
-            (an error otherwise). Both give the same likelihood; algorithm="fisher" and derivatives other
-            than "auto" always run dense.
+        backend: "auto" (default), "dense", "mme" or "sparse" (see :func:`jreml.select_backend`). The
+            mixed-model equations evaluate V = Σ_j Z_j G_j Z_jᵀ + σ²I (fixed Z_j, q random effects in all) without
+            the n×n V: "mme" with dense q×q factors, O(nq² + q³); "sparse" with the blocked factor of lme4-style
+            terms (a diagonal block for the term with most levels, a sparse cross block, a dense Schur block for
+            the rest; linear in n for one term). "auto" uses "sparse" for lme4-style terms with q ≥ 200, "mme" for
+            other such models when q < n; an explicit "mme" / "sparse" whenever the model has that form (an error
+            otherwise). All give the same likelihood; algorithm="fisher" and derivatives other than "auto"
+            always run dense.
 
     Returns:
         :class:`FitResult`. Works under ``jax.vmap`` over ``y`` (or ``X``, ``theta0``): one compilation.

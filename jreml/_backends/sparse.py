@@ -220,12 +220,29 @@ SPARSE_PAIR_FRACTION = 1 / 30
 MAX_PAIRS = 50_000_000
 
 
+#: Patterns of the last few designs, keyed by the identity of their codes arrays (held, so no id is reused).
+_PATTERNS: dict = {}
+_PATTERN_CACHE_SIZE = 8
+
+
 def sparse_pattern(structure: SparseStructure, force: bool = False) -> Pattern | None:
     """L₂₁'s pattern from concrete codes, or None when the codes are traced, there is no Schur block, or the dense
-    product is cheaper (``SPARSE_PAIR_FRACTION``, ``MAX_PAIRS``; ``force`` skips that rule)."""
-    first, rest = structure.terms[0], structure.terms[1:]
-    if not rest or any(isinstance(t.codes, jax.core.Tracer) for t in structure.terms):
+    product is cheaper (``SPARSE_PAIR_FRACTION``, ``MAX_PAIRS``; ``force`` skips that rule). Remembered for the
+    last ``_PATTERN_CACHE_SIZE`` designs (a refit of the same data does not recompute it)."""
+    if len(structure.terms) < 2 or any(isinstance(t.codes, jax.core.Tracer) for t in structure.terms):
         return None
+    key = (tuple(id(t.codes) for t in structure.terms), tuple((t.levels, t.block) for t in structure.terms), force)
+    if key in _PATTERNS:
+        return _PATTERNS[key][1]
+    pattern = _pattern(structure, force)
+    if len(_PATTERNS) >= _PATTERN_CACHE_SIZE:
+        _PATTERNS.pop(next(iter(_PATTERNS)))
+    _PATTERNS[key] = (tuple(t.codes for t in structure.terms), pattern)
+    return pattern
+
+
+def _pattern(structure: SparseStructure, force: bool) -> Pattern | None:
+    first, rest = structure.terms[0], structure.terms[1:]
     c1 = np.asarray(first.codes, dtype=np.int64)
     entries, level1s, levels, rows, columns = [], [], [], [], []
     for t, offset in zip(rest, _offsets(structure), strict=True):
