@@ -335,23 +335,26 @@ def _split_model(model):
 
 
 def _mme_q(model):
-    """(q, blocked): the number of random effects when the MME back ends can evaluate the model (else None), and
-    whether it has the blocked form of the sparse one."""
+    """Number of random effects q when the MME back end can evaluate the model, else None."""
     structure = mme_structure(model)
-    if structure is None:
-        return None, False
-    return structure.q, sparse_structure(model) is not None
+    return None if structure is None else structure.q
+
+
+def _equations_form(model):
+    """(q or None as ``_mme_q``, whether the model has the blocked form of the sparse back end)."""
+    q = _mme_q(model)
+    return q, q is not None and sparse_structure(model) is not None
 
 
 def _model_info(model, split):
-    """(shape, num_free_params, em_plan, MME q or None) of the model, cached per structure and leaf shapes."""
+    """(shape, num_free_params, em_plan, ``_equations_form``) of the model, cached per structure and leaf shapes."""
     if split is None:
-        return model.shape, model.num_free_params, model.em_plan(), _mme_q(model)
+        return model.shape, model.num_free_params, model.em_plan(), _equations_form(model)
     treedef, static, _, shapes = split
     key = (treedef, static, shapes)
     info = _MODEL_INFO.get(key)
     if info is None:
-        info = (tuple(model.shape), model.num_free_params, model.em_plan(), _mme_q(model))
+        info = (tuple(model.shape), model.num_free_params, model.em_plan(), _equations_form(model))
         info = _remember(_MODEL_INFO, key, info)
     return info
 
@@ -588,7 +591,7 @@ def estimate(
     split = _split_model(model)
     model_leaves = split[2] if split is not None else jax.tree_util.tree_leaves(model)
     traced = any(_is_traced(a) for a in (y, X, theta0, lb, ub, eta, *model_leaves))
-    shape, k, em_plan, mme_q = _model_info(model, split)
+    shape, k, em_plan, (mme_q, blocked) = _model_info(model, split)
     if shape[0] != shape[1]:
         raise ValueError(f"the covariance model must be square, got shape {shape}")
     _check_data(y, X, shape[0], model)
@@ -612,7 +615,6 @@ def estimate(
         em_plan = None
     if max_iter < 0 or max_halvings < 1 or min_iter < 0:
         raise ValueError("max_iter and min_iter must be >= 0 and max_halvings >= 1")
-    mme_q, blocked = mme_q
     resolved_backend = choose(backend, mme_q, shape[0], algo.information, derivatives, blocked=blocked).name
     mme_blocks = None
     if resolved_backend == "mme" and not any(_is_traced(a) for a in model_leaves):
