@@ -124,6 +124,7 @@ LONGEST_MODULES = (
     "test_cli.py",
     "test_portability.py",  # after test_estimate and test_batch: their numerics programs are in the cache
     "test_observed.py",
+    "test_sparse.py",
     "test_spectral.py",
     "test_likelihood.py",
     "test_bootstrap.py",
