@@ -216,8 +216,9 @@ class Pattern(NamedTuple):
 #: The sparse L₂₁ is used when its pairs cost less than this fraction of the dense L₂₁L₂₁ᵀ product (r²·q₁ flops,
 #: which run as one matrix product, several times faster per flop than the pairs' gathers and segment sums).
 SPARSE_PAIR_FRACTION = 1 / 30
-#: At most this many pairs (three int32 arrays of this length stay on the device).
-MAX_PAIRS = 50_000_000
+#: At most this many pairs (three int32 arrays of this length, 12 bytes a pair, stay on the device; InstEval-shaped
+#: data at n = 10⁶ have 7.1·10⁷, where the dense product would be 2.9·10¹¹ flops and 0.9 GB per copy of L₂₁).
+MAX_PAIRS = 200_000_000
 
 
 #: Patterns of the last few designs, keyed by the identity of their codes arrays (held, so no id is reused).
