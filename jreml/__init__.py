@@ -22,6 +22,9 @@ from ._examples import Example as Example
 from ._examples import example as example
 from ._facade import REML as REML
 from ._fit import fit as fit
+from ._genetics.grm import grm as grm
+from ._genetics.pedigree import Pedigree as Pedigree
+from ._genetics.pedigree import pedigree_matrix as pedigree_matrix
 from ._hybrid import HybridInfo as HybridInfo
 from ._hybrid import hybrid_estimate as hybrid_estimate
 from ._optax_fit import fit_optax as fit_optax

@@ -1,0 +1,1 @@
+"""Statistical genetics: relationship matrices from genotypes (``grm``) and pedigrees (``pedigree_matrix``)."""
