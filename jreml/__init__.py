@@ -23,6 +23,7 @@ from ._examples import example as example
 from ._facade import REML as REML
 from ._fit import fit as fit
 from ._genetics.grm import grm as grm
+from ._genetics.gwas import gwas as gwas
 from ._genetics.pedigree import Pedigree as Pedigree
 from ._genetics.pedigree import pedigree_matrix as pedigree_matrix
 from ._hybrid import HybridInfo as HybridInfo
