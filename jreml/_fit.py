@@ -35,6 +35,7 @@ def fit(
     modes and SDs by group), ``sigma2``, ``ngroups``, ``predict(newdata, re_form)``, ``to_dict()`` and an
     lme4-style ``print(fit)``.
     """
+    method = method.lower() if isinstance(method, str) else method  # lme4 users write REML / ML
     design = build_design(formula, data, relmat)
     result = estimate(design.model, design.y, design.X, method=method, algorithm=algorithm, **options)
     return dataclasses.replace(

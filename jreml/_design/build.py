@@ -150,7 +150,9 @@ def _relationship(K, levels: tuple[str, ...], group: str) -> np.ndarray:
             )
     if not np.all(np.isfinite(Kn)):
         raise ValueError(f"relmat[{group!r}] has non-finite entries")
-    scale = float(np.max(np.abs(Kn))) or 1.0
+    if not np.any(Kn):
+        raise ValueError(f"relmat[{group!r}] is all zeros: the variance of (1 | {group}) cannot be identified")
+    scale = float(np.max(np.abs(Kn)))
     asym = float(np.max(np.abs(Kn - Kn.T)))
     if asym > 1e-8 * scale:
         raise ValueError(f"relmat[{group!r}] must be symmetric: max |K - K.T| = {asym:.3g}")
@@ -194,6 +196,23 @@ def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, for
             raise ValueError(f"grouping factor {spec.group!r} has only {factor.n_levels} level: it needs at least 2")
         levels[name] = factor.levels
         intercept_only = labels == ("(Intercept)",)
+        n_rows = len(data)
+        if spec.group not in relmat:
+            # lme4's checks (lmerControl's check.nlev.gtreq.5 / check.nobs.vs.nlev / check.nobs.vs.nRE): with as many
+            # levels as rows, or as many random effects as rows, the term's variance and the residual's are the
+            # same thing and cannot be told apart. A relationship matrix K ≠ I separates them.
+            if factor.n_levels >= n_rows:
+                raise ValueError(
+                    f"number of levels of each grouping factor must be < number of observations (problems: "
+                    f"{spec.group!r} has {factor.n_levels} levels for {n_rows} rows): its variance and the residual "
+                    "variance cannot be identified"
+                )
+            if factor.n_levels * M.shape[1] >= n_rows and not intercept_only:
+                raise ValueError(
+                    f"number of observations ({n_rows}) <= number of random effects ({factor.n_levels * M.shape[1]}) "
+                    f"for term ({spec.expr} | {spec.group}): the random-effects parameters and the residual variance "
+                    "cannot be identified"
+                )
         if spec.group in relmat:
             if not intercept_only:
                 raise NotImplementedError(f"relmat for {spec.group!r} is supported only with (1 | {spec.group})")
@@ -204,6 +223,31 @@ def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, for
         else:
             terms.append(_slope_term(M, labels, factor, name))
     return terms, tuple(model_specs), levels
+
+
+def _check_finite(data: pd.DataFrame, columns: list[str]) -> None:
+    """±inf in a used numeric column is an error naming the column and the row (NaN rows were dropped)."""
+    for c in columns:
+        column = data[c]
+        if pd.api.types.is_float_dtype(column):
+            values = column.to_numpy(dtype=float)
+            infinite = np.isinf(values)
+            if infinite.any():
+                row = int(np.flatnonzero(infinite)[0])
+                raise ValueError(
+                    f"column {c!r} holds {values[row]} in row {data.index[row]!r}: a model needs finite data"
+                )
+
+
+def _check_response_varies(y: np.ndarray, X: np.ndarray, response: str) -> None:
+    """A response the fixed effects fit exactly (a constant y beside an intercept) leaves nothing to any variance."""
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None) if X.shape[1] else (np.zeros(0),)
+    residual = y - X @ coef
+    if np.linalg.norm(residual) <= 1e-12 * max(np.linalg.norm(y), np.finfo(float).tiny):
+        what = "is constant" if np.ptp(y) == 0 else "is fitted exactly by the fixed effects"
+        raise ValueError(
+            f"the response {response!r} {what}: nothing is left for the random effects or the residual variance"
+        )
 
 
 def _complete_rows(data: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -231,10 +275,15 @@ def build_design(formula: str, data: pd.DataFrame, relmat: dict | None = None) -
     for spec in parsed.random:
         used |= _variables(spec.expr, f"random-effects term ({spec.expr} | {spec.group})", text)
         used |= set(spec.factors)
+    if "offset" in used and "offset" not in data.columns:
+        raise NotImplementedError(
+            f"offset() in {text!r} is not supported yet: subtract the offset from the response instead"
+        )
     unknown = sorted(v for v in used if v not in data.columns)
     if unknown:
         raise KeyError(f"formula {text!r} uses column(s) {unknown} not in the data; columns: {list(data.columns)}")
     columns = [c for c in data.columns if c in used]
+    _check_finite(data, columns)
     kept = _complete_rows(data, columns)
     n_dropped = len(data) - len(kept)
     if len(kept) == 0:
@@ -242,6 +291,7 @@ def build_design(formula: str, data: pd.DataFrame, relmat: dict | None = None) -
     y = _response(parsed, kept)
     X_full, full_names, fixed_spec = _matrix(parsed.fixed, kept, "fixed part", text)
     X, names = _drop_aliased(X_full, full_names)
+    _check_response_varies(y, X, parsed.response)
     terms, random_specs, random_levels = _random_terms(list(parsed.random), kept, relmat, text)
     model = Sum(*terms, ScalarMatrix(len(kept), name="Residual"))
     return Design(parsed, y, X, names, model, n_dropped, kept, fixed_spec, full_names, random_specs, random_levels)
