@@ -37,6 +37,8 @@ def fit(
     """
     method = method.lower() if isinstance(method, str) else method  # lme4 users write REML / ML
     design = build_design(formula, data, relmat)
+    if design.unidentifiable:
+        raise ValueError(design.unidentifiable[0])
     result = estimate(design.model, design.y, design.X, method=method, algorithm=algorithm, **options)
     return dataclasses.replace(
         result,

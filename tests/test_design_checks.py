@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import jreml
 from jreml._design.build import build_design
 
 RNG = np.random.default_rng(0)
@@ -20,17 +21,19 @@ DATA = pd.DataFrame(
 
 def test_one_level_per_row_is_lme4s_error():
     with pytest.raises(ValueError, match=r"must be < number of observations \(problems: 'rid' has 40 levels"):
-        build_design("y ~ 1 + (1 | rid)", DATA)
+        jreml.fit("y ~ 1 + (1 | rid)", DATA)
     with pytest.raises(ValueError, match=r"'g' has 2 levels for 2 rows"):
-        build_design("y ~ 1 + (1 | g)", DATA.iloc[[0, 5]])
+        jreml.fit("y ~ 1 + (1 | g)", DATA.iloc[[0, 5]])
     # a relationship matrix K ≠ I separates the term from the residual: one level per row is the usual GRM design
     K = np.eye(40) + 0.3 * np.ones((40, 40))
-    assert build_design("y ~ 1 + (1 | rid)", DATA, relmat={"rid": pd.DataFrame(K, DATA.rid, DATA.rid)}).y.size == 40
+    assert not build_design(
+        "y ~ 1 + (1 | rid)", DATA, relmat={"rid": pd.DataFrame(K, DATA.rid, DATA.rid)}
+    ).unidentifiable
 
 
 def test_as_many_random_effects_as_rows_is_refused():
     with pytest.raises(ValueError, match=r"number of observations \(16\) <= number of random effects \(16\)"):
-        build_design("y ~ 1 + (x | g)", DATA.iloc[:16].assign(g=np.repeat(list("abcdefgh"), 2)))
+        jreml.fit("y ~ 1 + (x | g)", DATA.iloc[:16].assign(g=np.repeat(list("abcdefgh"), 2)))
 
 
 def test_a_zero_relationship_matrix_is_refused():

@@ -38,6 +38,8 @@ class Design:
     random_specs: tuple = field(default=())
     #: random term name (``model``'s terms, after ``(x || g)`` expansion) → its factor's levels, in û's order.
     random_levels: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: why the variances cannot be identified (lme4's level and random-effect counts), empty when they can.
+    unidentifiable: tuple[str, ...] = ()
 
 
 def _column_name(name: str) -> str:
@@ -189,7 +191,7 @@ def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, for
     unused = set(relmat) - {spec.group for spec, _, _ in expanded}
     if unused:
         raise ValueError(f"relmat given for {sorted(unused)}, which is not a grouping factor of {formula!r}")
-    terms, levels = [], {}
+    terms, levels, unidentifiable = [], {}, []
     for (spec, M, labels), name in zip(expanded, names, strict=True):
         factor = dummy_matrix([data[f] for f in spec.factors])
         if factor.n_levels < 2:
@@ -198,17 +200,17 @@ def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, for
         intercept_only = labels == ("(Intercept)",)
         n_rows = len(data)
         if spec.group not in relmat:
-            # lme4's checks (lmerControl's check.nlev.gtreq.5 / check.nobs.vs.nlev / check.nobs.vs.nRE): with as many
-            # levels as rows, or as many random effects as rows, the term's variance and the residual's are the
-            # same thing and cannot be told apart. A relationship matrix K ≠ I separates them.
+            # lme4's checks (lmerControl's check.nobs.vs.nlev / check.nobs.vs.nRE): with as many levels as rows, or as
+            # many random effects as rows, the term's variance and the residual's are the same thing and cannot be
+            # told apart. A relationship matrix K ≠ I separates them. ``fit`` refuses such a design.
             if factor.n_levels >= n_rows:
-                raise ValueError(
+                unidentifiable.append(
                     f"number of levels of each grouping factor must be < number of observations (problems: "
                     f"{spec.group!r} has {factor.n_levels} levels for {n_rows} rows): its variance and the residual "
                     "variance cannot be identified"
                 )
-            if factor.n_levels * M.shape[1] >= n_rows and not intercept_only:
-                raise ValueError(
+            elif factor.n_levels * M.shape[1] >= n_rows and not intercept_only:
+                unidentifiable.append(
                     f"number of observations ({n_rows}) <= number of random effects ({factor.n_levels * M.shape[1]}) "
                     f"for term ({spec.expr} | {spec.group}): the random-effects parameters and the residual variance "
                     "cannot be identified"
@@ -222,7 +224,7 @@ def _random_terms(specs: list[RandomSpec], data: pd.DataFrame, relmat: dict, for
             terms.append(CovariancePropagation(factor, ScalarMatrix(factor.n_levels), name=name))
         else:
             terms.append(_slope_term(M, labels, factor, name))
-    return terms, tuple(model_specs), levels
+    return terms, tuple(model_specs), levels, tuple(unidentifiable)
 
 
 def _check_finite(data: pd.DataFrame, columns: list[str]) -> None:
@@ -292,6 +294,8 @@ def build_design(formula: str, data: pd.DataFrame, relmat: dict | None = None) -
     X_full, full_names, fixed_spec = _matrix(parsed.fixed, kept, "fixed part", text)
     X, names = _drop_aliased(X_full, full_names)
     _check_response_varies(y, X, parsed.response)
-    terms, random_specs, random_levels = _random_terms(list(parsed.random), kept, relmat, text)
+    terms, random_specs, random_levels, unidentifiable = _random_terms(list(parsed.random), kept, relmat, text)
     model = Sum(*terms, ScalarMatrix(len(kept), name="Residual"))
-    return Design(parsed, y, X, names, model, n_dropped, kept, fixed_spec, full_names, random_specs, random_levels)
+    return Design(
+        parsed, y, X, names, model, n_dropped, kept, fixed_spec, full_names, random_specs, random_levels, unidentifiable
+    )
