@@ -19,6 +19,7 @@ correlation whose ζ does not reach ±z before ±1 gets the limit ±1.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import jax
@@ -83,6 +84,10 @@ def _psi(kind: str, indices, natural):
         return jnp.sqrt(jnp.maximum(natural[indices[0]], 0.0))
     cov, vi, vj = indices
     return natural[cov] / jnp.sqrt(natural[vi] * natural[vj])
+
+
+class _ConstraintFailed(RuntimeError):
+    pass
 
 
 class _Profiler:
@@ -154,6 +159,9 @@ class _Profiler:
             return np.asarray(self._psi(jnp.asarray(t), *args)[1], dtype=float)
 
         res = self._minimise(start, self.y, self.X, dict(type="eq", fun=cfun, jac=cjac))
+        if abs(cfun(res.x)) > 1e-6 * max(1.0, abs(c)):
+            # SLSQP can stop at a point off the constraint (seen for correlations): no silent wrong deviance
+            raise _ConstraintFailed(f"profile of {par.name}: the constrained fit at {c:.6g} missed its constraint")
         return float(res.fun), res.x
 
     def base_for(self, par: ProfileParameter) -> float:
@@ -210,6 +218,14 @@ def _gls_beta(model, theta, y, X) -> np.ndarray:
     return np.linalg.solve(X.T @ solved[:, :-1], X.T @ solved[:, -1])
 
 
+def _guarded(side, *args) -> float:
+    try:
+        return side(*args)
+    except _ConstraintFailed as err:
+        warnings.warn(f"{err}; that limit is NaN", stacklevel=4)
+        return float("nan")
+
+
 def _limits(par):
     if par.kind in ("sd", "sigma"):
         return 0.0, None
@@ -232,8 +248,8 @@ def profile_confint(fit, level: float = 0.95, parm=None) -> pd.DataFrame:
         if par.kind in ("sd", "sigma") and psi_hat <= 1e-8 * max(scale, 1.0):
             lower = 0.0  # at the boundary: lme4 reports 0
         else:
-            lower = _one_side(profiler, par, -z, base, psi_hat, scale, lo_limit, hi_limit)
-        upper = _one_side(profiler, par, z, base, psi_hat, scale, lo_limit, hi_limit)
+            lower = _guarded(_one_side, profiler, par, -z, base, psi_hat, scale, lo_limit, hi_limit)
+        upper = _guarded(_one_side, profiler, par, z, base, psi_hat, scale, lo_limit, hi_limit)
         rows[par.name] = (lower, upper)
     return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
 
