@@ -497,6 +497,25 @@ class FitResult(eqx.Module):
         names = list(self.beta_names) if self.beta_names else [f"beta[{i}]" for i in range(self.beta.shape[-1])]
         return coef_table(self.beta, self.X, names, ddf, self._ddf_pieces, self.vcov_beta)
 
+    def confint(self, method: str = "profile", level: float = 0.95, parm=None) -> pd.DataFrame:
+        """lme4's ``confint(fit, method = "profile", oldNames = FALSE)``: DataFrame lower, upper (see
+        :mod:`jreml._inference.profile`). Only ``method="profile"`` is implemented."""
+        from ._inference.profile import profile_confint
+
+        if method != "profile":
+            raise ValueError(f'method: only "profile" is implemented, got {method!r}')
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must lie in (0, 1), got {level!r}")
+        self._info("confint")
+        return profile_confint(self, level=level, parm=parm)
+
+    def profile(self, parm=None, n_points: int = 13) -> pd.DataFrame:
+        """The likelihood profile (parameter, value, zeta), as lme4's ``as.data.frame(profile(fit))``."""
+        from ._inference.profile import profile_table
+
+        self._info("profile")
+        return profile_table(self, parm=parm, n_points=n_points)
+
     def anova(self, ddf: str = "satterthwaite") -> pd.DataFrame:
         """lmerTest's type III F-tests of each fixed-effect term of a formula fit (intercept left out).
 
