@@ -37,11 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from jaxtyping import Array, Float
-from scipy import stats
 
 from .._likelihood import reml_loglik
 
 DDF_METHODS = ("satterthwaite", "kenward-roger", "residual", None)
+
+
+def _scipy_stats():
+    """scipy.stats, imported on first use: it adds about half a second to ``import jreml``."""
+    from scipy import stats
+
+    return stats
 
 
 def check_ddf(ddf, allow_none: bool = True) -> str | None:
@@ -213,6 +219,7 @@ def coef_table(
             df = np.array([pieces.kenward_roger(eye[i : i + 1], beta)[2] for i in range(p)])
         _warn_nan(df, f"coef_table(ddf={ddf!r})")
     t = beta / se
+    stats = _scipy_stats()
     pval = 2.0 * stats.t.sf(np.abs(t), df) if ddf is not None else 2.0 * stats.norm.sf(np.abs(t))
     return pd.DataFrame({"estimate": beta, "se": se, "df": df, "t": t, "p": pval}, index=pd.Index(names))
 
@@ -240,7 +247,7 @@ def anova_table(
             "NumDF": float(q),
             "DenDF": den,
             "F value": f,
-            "Pr(>F)": float(stats.f.sf(f, q, den)),
+            "Pr(>F)": float(_scipy_stats().f.sf(f, q, den)),
         }
     table = pd.DataFrame.from_dict(
         rows, orient="index", columns=["Sum Sq", "Mean Sq", "NumDF", "DenDF", "F value", "Pr(>F)"]

@@ -26,8 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import scipy.optimize
-import scipy.stats
 
 from .._likelihood import loglik
 
@@ -134,6 +132,8 @@ class _Profiler:
             v, g = self._dev(jnp.asarray(t), y, X)
             return float(v), np.asarray(g, dtype=float)
 
+        import scipy.optimize  # on first use: it would add to `import jreml`
+
         if constraint is None:
             res = scipy.optimize.minimize(fun, start, jac=True, method="L-BFGS-B", options=dict(gtol=1e-9, ftol=1e-15))
         else:
@@ -184,6 +184,8 @@ def _wald_scale(fit, profiler: _Profiler, par: ProfileParameter) -> float:
 
 def _one_side(profiler, par, target, base, psi_hat, scale, lo_limit, hi_limit):
     """The root of ζ(c) = target on one side of ψ̂, or the limit where ζ does not reach it."""
+    import scipy.optimize  # on first use: it would add to `import jreml`
+
     direction = 1.0 if target > 0 else -1.0
     limit = hi_limit if direction > 0 else lo_limit
     start = profiler.theta_hat
@@ -237,6 +239,8 @@ def _limits(par):
 def profile_confint(fit, level: float = 0.95, parm=None) -> pd.DataFrame:
     """lme4's ``confint(fit, method = "profile", level, oldNames = FALSE)``: DataFrame indexed by parameter name
     with columns lower, upper."""
+    import scipy.stats  # on first use: it would add to `import jreml`
+
     z = float(scipy.stats.norm.ppf(0.5 + level / 2.0))
     profiler = _Profiler(fit)
     rows = {}
@@ -257,6 +261,8 @@ def profile_confint(fit, level: float = 0.95, parm=None) -> pd.DataFrame:
 def profile_table(fit, parm=None, n_points: int = 13, zeta_max: float = 2.6) -> pd.DataFrame:
     """The profile for plotting (lme4's ``as.data.frame(profile(fit))``): long DataFrame with columns
     parameter, value, zeta — per parameter ``n_points`` values spanning |ζ| ≤ ``zeta_max``."""
+    import scipy.stats  # on first use: it would add to `import jreml`
+
     level = 2.0 * scipy.stats.norm.cdf(zeta_max) - 1.0
     ci = profile_confint(fit, level=level, parm=parm)
     profiler = _Profiler(fit)
