@@ -122,27 +122,28 @@ def _free_compiled_programs():
 #: tests (the portability rerun, the sharding subprocesses) for the end. Modules not listed follow, in file order.
 LONGEST_MODULES = (
     "test_mme.py",
-    "test_implicit.py",
     "test_estimate.py",
     "test_batch.py",
+    "test_sparse.py",
+    "test_implicit.py",
     "test_cli.py",
     "test_portability.py",  # after test_estimate and test_batch: their numerics programs are in the cache
-    "test_observed.py",
-    "test_sparse.py",
     "test_spectral.py",
+    "test_observed.py",
     "test_likelihood.py",
+    "test_notebooks.py",
     "test_bootstrap.py",
-    "test_optax_fit.py",
     "test_hybrid.py",
     "test_fit_formula.py",
-    "test_notebooks.py",
-    "test_inference_ddf.py",
+    "test_optax_fit.py",
     "test_sharding.py",
-    "test_profiled.py",
-    "test_facade.py",
-    "test_lapack_guard.py",
-    "test_reference_fits.py",
+    "test_results_lme4.py",
     "test_covariance.py",
+    "test_facade.py",
+    "test_reference_fits.py",
+    "test_lapack_guard.py",
+    "test_inference_ddf.py",
+    "test_profiled.py",
 )
 
 
