@@ -1,13 +1,14 @@
 """jreml: REML and ML fitting of linear mixed models in JAX.
 
-Importing jreml turns on JAX's float64 mode unless ``JAX_ENABLE_X64`` is set in the environment
-(see ``jreml._config`` and README "Precision").
+Importing jreml turns on JAX's float64 mode unless ``JAX_ENABLE_X64`` is set in the environment, and sets XLA's
+CPU fusion emitter flag unless ``XLA_FLAGS`` sets it (see ``jreml._config`` and README "Precision").
 """
 
-from ._config import _apply_default_precision
+from ._config import _apply_default_precision, _apply_default_xla_flags
 from ._lapack_guard import install as _install_lapack_guard
 
 _apply_default_precision()
+_apply_default_xla_flags()
 _install_lapack_guard()
 
 # ruff: noqa: E402, I001

@@ -237,6 +237,30 @@ def test_float32_is_an_explicit_opt_in():
     assert default.stdout.split() == ["True", "float64"]
 
 
+def test_import_sets_the_cpu_fusion_flag_only_where_the_user_has_not():
+    """``import jreml`` adds ``--xla_cpu_use_fusion_emitters=false`` to XLA_FLAGS (faster compiles), keeps the
+    user's other flags, leaves an explicit setting alone, and does nothing once a JAX backend has started (XLA has
+    read the variable by then)."""
+    code = "import os, sys; {before}import jreml; print(os.environ.get('XLA_FLAGS'))"
+    clean = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cases = [
+        ("", clean, "--xla_cpu_use_fusion_emitters=false"),
+        (
+            "",
+            {**clean, "XLA_FLAGS": "--xla_backend_optimization_level=0"},
+            "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+        ),
+        ("", {**clean, "XLA_FLAGS": "--xla_cpu_use_fusion_emitters=true"}, "--xla_cpu_use_fusion_emitters=true"),
+        ("import jax; jax.numpy.ones(1); ", clean, "None"),
+    ]
+    for before, env, expected in cases:
+        run = subprocess.run(
+            [sys.executable, "-c", code.format(before=before)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip() == expected, (before, env.get("XLA_FLAGS"), run.stdout)
+
+
 FLOAT32_DEFAULTS_SCRIPT = """
 import numpy as np, pandas as pd, jreml
 lme4_reml = {"dyestuff": -159.827138421129, "sleepstudy": -871.814135979976, "penicillin": -165.430294499803}
