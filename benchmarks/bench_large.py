@@ -8,7 +8,9 @@ Parts (each prints a table; nothing is asserted and the script always exits 0):
   ``first_s`` (the first ``jreml.fit`` in this process, compilation included), ``warm_s`` (the median of
   ``--repeats`` further fits), ``fresh_s`` / ``rss_gb`` (a fresh Python process that reads the CSV and fits once:
   wall time and peak resident memory), ``lme4_s`` (``system.time(lmer(...))`` elapsed, one Rscript process per
-  fit, data loading outside the timer), the ratio lme4/warm and both log-likelihoods.
+  fit, data loading outside the timer), the ratio lme4/warm and both log-likelihoods; ``ranef_s``: ``fit.ranef``
+  (conditional modes and SDs of every level, from the blocked factor) on the first call and on a second, and
+  lme4's ``ranef(m, condVar = TRUE)``.
 * **Growth** at ``--sizes`` (default 10⁴ and 10⁵; add 1000000 for 10⁶): ``y ~ x + (x | g)`` with groups of 10,
   ``y ~ x + (1 | g) + (1 | h)`` crossed with √n levels each, and InstEval-shaped data (n/25 students,
   1,128·(n/73,421)^(1/3) lecturers, 28 department×service cells). jreml warm (median of ``--repeats``) and lme4 in
@@ -113,7 +115,18 @@ def jreml_times(formula: str, df: pd.DataFrame, method: str, repeats: int):
         float(fit.loglik)
         warm.append(time.perf_counter() - t)
     backend = jreml.select_backend(fit.model).name
-    return first, statistics.median(warm), float(fit.loglik), int(fit.n_iter), backend, str(fit.message)
+    return first, statistics.median(warm), float(fit.loglik), int(fit.n_iter), backend, str(fit.message), fit
+
+
+def ranef_times(fit) -> tuple[float, float]:
+    """``fit.ranef`` (conditional modes and SDs of every level): the first call (compilation included), a second."""
+    out = []
+    for _ in range(2):
+        t = time.perf_counter()
+        frames = fit.ranef
+        out.append(time.perf_counter() - t)
+    assert all(np.isfinite(frame.to_numpy()).all() for frame in frames.values())
+    return out[0], out[1]
 
 
 FRESH = textwrap.dedent(
@@ -148,7 +161,8 @@ LME4 = textwrap.dedent(
     d <- read.csv(args[1], colClasses = c(s = "factor", d = "factor", dept = "factor", service = "factor",
                                           g = "factor", h = "factor"))
     t <- system.time(m <- lmer(as.formula(args[2]), data = d, REML = args[3] == "reml"))
-    cat(t[["elapsed"]], format(as.numeric(logLik(m)), digits = 15), "\\n")
+    t2 <- system.time(r <- ranef(m, condVar = TRUE))
+    cat(t[["elapsed"]], format(as.numeric(logLik(m)), digits = 15), t2[["elapsed"]], "\\n")
     """
 )
 
@@ -166,8 +180,8 @@ def lme4_fit(path: str, formula: str, method: str, timeout: float):
         os.unlink(f.name)
     if out.returncode != 0:
         return None
-    elapsed, loglik = out.stdout.split()[:2]
-    return float(elapsed), float(loglik)
+    elapsed, loglik, ranef = out.stdout.split()[:3]
+    return float(elapsed), float(loglik), float(ranef)
 
 
 def fmt(x, digits=2):
@@ -183,10 +197,12 @@ def part_insteval(args, r_ok: bool, tmp: str):
     df = read(path)
     print(f"\n## InstEval: {INSTEVAL}, n = {len(df):,} ({source})\n")
     columns = "first_s | warm_s | fresh_s | rss_gb | lme4_s | lme4/warm | loglik jreml | loglik lme4 | iter | backend"
+    columns += " | ranef_s first / second | lme4 ranef_s"
     print(f"method | {columns}")
-    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
+    print("|".join(["---"] * 14))
     for method in ("reml", "ml"):
-        first, warm, loglik, n_iter, backend, message = jreml_times(INSTEVAL, df, method, args.repeats)
+        first, warm, loglik, n_iter, backend, message, fit = jreml_times(INSTEVAL, df, method, args.repeats)
+        ranef_first, ranef_second = ranef_times(fit)
         fresh = fresh_process(path, INSTEVAL, method, args.blas_threads)
         peer = lme4_fit(path, INSTEVAL, method, args.r_timeout) if r_ok else None
         peer_s = peer[0] if isinstance(peer, tuple) else None
@@ -194,7 +210,8 @@ def part_insteval(args, r_ok: bool, tmp: str):
         print(
             f"{method} | {fmt(first)} | {fmt(warm)} | {fmt(fresh and fresh['wall'])} | {fmt(fresh and fresh['rss_gb'])}"
             f" | {fmt(peer_s)} | {fmt(peer_s / warm if peer_s else None, 1)} | {loglik:.4f} | {peer_ll} | {n_iter}"
-            f" | {backend} ({message})"
+            f" | {backend} ({message}) | {fmt(ranef_first)} / {fmt(ranef_second)}"
+            f" | {fmt(peer[2] if isinstance(peer, tuple) else None)}"
         )
 
 
@@ -213,7 +230,7 @@ def part_growth(args, r_ok: bool, tmp: str):
             df = make(n)
             path = os.path.join(tmp, f"growth_{n}.csv")
             df.to_csv(path, index=False)
-            _, warm, loglik, n_iter, backend, _ = jreml_times(formula, df, "reml", max(1, args.repeats // 2))
+            _, warm, loglik, n_iter, backend, *_ = jreml_times(formula, df, "reml", max(1, args.repeats // 2))
             peer = lme4_fit(path, formula, "reml", args.r_timeout) if r_ok else None
             peer_s = peer[0] if isinstance(peer, tuple) else None
             ratio = fmt(peer_s / warm if peer_s else None, 1)

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 
+from ._backends.sparse import conditional_variances, sparse_structure
 from ._covariance.base import AbstractCovariance
 from ._covariance.queries import observed_mask
 from ._inference import anova_table, check_ddf, coef_table
@@ -126,6 +127,9 @@ def _random_effects(model, theta, p_y, X, beta, y):
         blups[term.name] = u
         fitted = fitted + term.Z.times(theta_z, u)
     return blups, fitted, y - fitted
+
+
+_blocked_conditional_variances = eqx.filter_jit(conditional_variances)
 
 
 @eqx.filter_jit
@@ -245,6 +249,15 @@ class FitResult(eqx.Module):
         blups = self._random_effects()[0]
         if not with_sd:
             return blups
+        structure = sparse_structure(self.model)
+        if structure is not None:
+            vcov = self.vcov_beta if prediction_error else None
+            variances = _blocked_conditional_variances(self.theta, self.y, self.X, structure, vcov)
+            return {
+                term.name: (blups[term.name], jnp.sqrt(jnp.maximum(variances[term.offset], 0.0)))
+                for term in self.model.random_terms()
+            }
+        # other models (relationship matrices, kernels): the dense n×n formula
         out = {}
         weight = None
         for term in self.model.random_terms():
@@ -254,6 +267,10 @@ class FitResult(eqx.Module):
             if weight is None:
                 c = core(self.theta, self.y, self.X, self.model, self.method == "reml")
                 weight = trace_weight(c, reml=prediction_error)
+                observed = observed_mask(self.model)
+                if observed is not None:  # V_m⁻¹ is I on the unobserved rows: only M·V_m⁻¹·M weighs Z's rows
+                    m = jnp.asarray(observed, weight.dtype)
+                    weight = weight * m[:, None] * m[None, :]
             g = term.G(theta_g)
             zg = term.Z(theta_z) @ g
             cond_var = jnp.diagonal(g) - jnp.sum(zg * (weight @ zg), axis=0)

@@ -27,3 +27,17 @@ def test_dyestuff_profile_ci_matches_lme4(dyestuff_fit):
 def test_confint_rejects_unknown_method(dyestuff_fit):
     with pytest.raises(ValueError, match="method"):
         dyestuff_fit.confint(method="nope")
+
+
+@pytest.mark.slow
+def test_sleepstudy_profile_ci_matches_lme4():
+    """Every row of lme4's profile intervals for the correlated (Days | Subject) fit, the correlation's lower limit
+    included: it was NaN while the constraint's gradient was NaN at negative covariances (jnp.where passed the sd
+    branch's sqrt(max(cov, 0)) derivative on), so SLSQP stopped off the constraint."""
+    fit = jreml.fit("Reaction ~ Days + (Days | Subject)", jreml.datasets.load("sleepstudy"))
+    ci = fit.confint()
+    assert list(ci.index) == [r["parameter"] for r in REFERENCE["sleepstudy_corr_profile_ci"]]
+    for row in REFERENCE["sleepstudy_corr_profile_ci"]:
+        lower, upper = ci.loc[row["parameter"]]
+        assert lower == pytest.approx(row["lower"], rel=1e-3, abs=1e-4), row["parameter"]
+        assert upper == pytest.approx(row["upper"], rel=1e-3, abs=1e-4), row["parameter"]

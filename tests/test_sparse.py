@@ -14,13 +14,14 @@ import jreml
 from jreml._backends.select import SPARSE_MIN_Q
 from jreml._backends.sparse import (
     check_memory,
+    conditional_variances,
     prepare,
     sparse_evaluate,
     sparse_pattern,
     sparse_structure,
 )
 from jreml._design.build import build_design
-from jreml._likelihood import core, derivatives_at
+from jreml._likelihood import core, derivatives_at, trace_weight
 from jreml.covariance import (
     CovariancePropagation,
     DummyMatrix,
@@ -36,6 +37,14 @@ from jreml.covariance import (
 
 N = 48  # rows of the random designs
 LEVELS = {"g": 8, "h": 5, "f": 6}  # fixed, so that each form compiles once; the drawn codes need not use them all
+
+
+def drawn_codes(rng, levels: int):
+    """N codes drawn at random in which every level occurs (a factor's levels are those it has: DummyMatrix of a
+    draw that missed one would not match its G, a rare seed that made the test fail)."""
+    codes = rng.integers(0, levels, N)
+    codes[rng.choice(N, size=levels, replace=False)] = np.arange(levels)
+    return codes
 
 
 def random_model(codes, rng, form: str):
@@ -73,6 +82,26 @@ def sparse_values(theta, y, X, model, reml, pattern):
     return c.loglik, d.score, d.information, c.beta
 
 
+@eqx.filter_jit
+def dense_conditional_variances(theta, y, X, model, prediction_error):
+    """diag(G − GZᵀV⁻¹ZG) (or with P: the prediction-error variances) of each term, by the n×n formula."""
+    c = core(theta, y, X, model, True)
+    weight = trace_weight(c, reml=prediction_error)
+    if isinstance(model, ObservedRows):  # V_m⁻¹ is I on the unobserved rows
+        m = model.observed.astype(weight.dtype)
+        weight = weight * m[:, None] * m[None, :]
+    out = {}
+    for term in model.random_terms():
+        g = term.G(theta[term.offset : term.offset + term.G.num_free_params])
+        zg = term.Z(theta[term.offset - term.Z.num_free_params : term.offset]) @ g
+        out[term.offset] = jnp.diagonal(g) - jnp.sum(zg * (weight @ zg), axis=0)
+    vcov_beta = jax.scipy.linalg.cho_solve((c.chol_xvx, True), jnp.eye(X.shape[1], dtype=X.dtype))
+    return out, vcov_beta
+
+
+blocked_conditional_variances = eqx.filter_jit(conditional_variances)
+
+
 def relative(actual, desired):
     actual, desired = np.asarray(actual), np.asarray(desired)
     return np.max(np.abs(actual - desired)) / max(np.max(np.abs(desired)), 1e-300)
@@ -88,7 +117,7 @@ FORMS = [("crossed", True, True), ("vector", False, False), ("heteroscedastic", 
 def test_random_designs_match_the_dense_path(form, masked, reml, seed):
     """ℓ within 1e-9, score and AI within 1e-7 relative, with L₂₁ dense and with its sparse pattern."""
     rng = np.random.default_rng(seed)
-    codes = {name: rng.integers(0, levels, N) for name, levels in LEVELS.items()}
+    codes = {name: drawn_codes(rng, levels) for name, levels in LEVELS.items()}
     model = random_model(codes, rng, form)
     if masked:
         model = ObservedRows(model, rng.uniform(size=N) > 0.2)
@@ -106,6 +135,13 @@ def test_random_designs_match_the_dense_path(form, masked, reml, seed):
         assert relative(got[1], want[1]) < 1e-7
         assert relative(got[2], want[2]) < 1e-7
         assert relative(got[3], want[3]) < 1e-8
+    # conditional variances of the random effects (ranef's SDs) from the blocked factor, no n×n matrix
+    for prediction_error in (False, True):
+        want, vcov_beta = dense_conditional_variances(theta, y, X, model, prediction_error)
+        got = blocked_conditional_variances(theta, y, X, structure, vcov_beta if prediction_error else None)
+        assert set(got) == set(want)
+        for offset, variances in want.items():
+            assert relative(got[offset], variances) < 1e-9, (offset, prediction_error)
 
 
 def test_the_pattern_is_used_where_the_cross_block_is_sparse():

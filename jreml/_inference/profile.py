@@ -107,9 +107,12 @@ class _Profiler:
 
         def psi(theta, kind_code, i0, i1, i2):
             natural = model.build_params(theta)
-            sd = jnp.sqrt(jnp.maximum(natural[i0], 0.0))
-            cor = natural[i0] / jnp.sqrt(natural[i1] * natural[i2])
-            return jnp.where(kind_code == 0, sd, cor)
+            is_sd = kind_code == 0
+            # each branch sees harmless inputs where it is not selected: jnp.where passes a NaN derivative of
+            # the other branch on (sqrt(max(cov, 0)) at a negative covariance made the correlation's gradient NaN)
+            sd = jnp.sqrt(jnp.where(is_sd, jnp.maximum(natural[i0], 0.0), 1.0))
+            cor = natural[i0] / jnp.sqrt(jnp.where(is_sd, 1.0, natural[i1] * natural[i2]))
+            return jnp.where(is_sd, sd, cor)
 
         self._psi = jax.jit(jax.value_and_grad(psi))
         if fit.method != "ml":
