@@ -514,17 +514,28 @@ class FitResult(eqx.Module):
         names = list(self.beta_names) if self.beta_names else [f"beta[{i}]" for i in range(self.beta.shape[-1])]
         return coef_table(self.beta, self.X, names, ddf, self._ddf_pieces, self.vcov_beta)
 
-    def confint(self, method: str = "profile", level: float = 0.95, parm=None) -> pd.DataFrame:
-        """lme4's ``confint(fit, method = "profile", oldNames = FALSE)``: DataFrame lower, upper (see
-        :mod:`jreml._inference.profile`). Only ``method="profile"`` is implemented."""
-        from ._inference.profile import profile_confint
+    def confint(
+        self, method: str = "profile", level: float = 0.95, parm=None, n_boot: int = 500, seed: int = 0
+    ) -> pd.DataFrame:
+        """lme4's ``confint(fit, method, level, oldNames = FALSE)``: DataFrame lower, upper, rows sd_…, cor_…,
+        sigma, then the fixed effects (see :mod:`jreml._inference.profile`).
 
-        if method != "profile":
-            raise ValueError(f'method: only "profile" is implemented, got {method!r}')
+        ``method``: "profile" (likelihood profile, lme4's default), "wald" (β̂ ± z·se; NaN for the variance rows,
+        as lme4) or "bootstrap" (percentile intervals of ``n_boot`` parametric bootstrap refits, lme4's "boot").
+        """
+        from ._inference.profile import bootstrap_confint, profile_confint, wald_confint
+
+        methods = {"profile": profile_confint, "wald": wald_confint, "bootstrap": bootstrap_confint}
+        key = method.lower() if isinstance(method, str) else method
+        key = "bootstrap" if key == "boot" else key
+        if key not in methods:
+            raise ValueError(f"method must be one of {sorted(methods)}, got {method!r}")
         if not 0.0 < level < 1.0:
             raise ValueError(f"level must lie in (0, 1), got {level!r}")
         self._info("confint")
-        return profile_confint(self, level=level, parm=parm)
+        if key == "bootstrap":
+            return bootstrap_confint(self, level=level, parm=parm, n_boot=n_boot, seed=seed)
+        return methods[key](self, level=level, parm=parm)
 
     def profile(self, parm=None, n_points: int = 13) -> pd.DataFrame:
         """The likelihood profile (parameter, value, zeta), as lme4's ``as.data.frame(profile(fit))``."""

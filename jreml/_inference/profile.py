@@ -293,3 +293,48 @@ def _select(params, parm):
     if missing:
         raise ValueError(f"parm: unknown parameter(s) {missing}; known: {list(known)}")
     return [known[w] for w in wanted]
+
+
+def _psi_values(par: ProfileParameter, natural: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """ψ of every replicate: natural (B, k) and beta (B, p) → (B,)."""
+    if par.kind == "beta":
+        return beta[:, par.indices[0]]
+    if par.kind in ("sd", "sigma"):
+        return np.sqrt(np.maximum(natural[:, par.indices[0]], 0.0))
+    cov, vi, vj = par.indices
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return natural[:, cov] / np.sqrt(natural[:, vi] * natural[:, vj])
+
+
+def wald_confint(fit, level: float = 0.95, parm=None) -> pd.DataFrame:
+    """lme4's ``confint(fit, method = "Wald")``: β̂ ± z·se for the fixed effects; the sd_/cor_/sigma rows are NaN,
+    as lme4 leaves them NA (a variance's sampling distribution is far from normal near its boundary)."""
+    import scipy.stats  # on first use: it would add to `import jreml`
+
+    z = float(scipy.stats.norm.ppf(0.5 + level / 2.0))
+    beta, se = np.asarray(fit.beta, dtype=float), np.asarray(fit.se_beta, dtype=float)
+    rows = {}
+    for par in _select(lme4_parameters(fit), parm):
+        if par.kind == "beta":
+            j = par.indices[0]
+            rows[par.name] = (beta[j] - z * se[j], beta[j] + z * se[j])
+        else:
+            rows[par.name] = (np.nan, np.nan)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
+
+
+def bootstrap_confint(fit, level: float = 0.95, parm=None, n_boot: int = 500, seed: int = 0) -> pd.DataFrame:
+    """lme4's ``confint(fit, method = "boot")`` (``boot.type = "perc"``): percentile intervals of every row from
+    ``n_boot`` parametric bootstrap refits (``fit.bootstrap``; replicates that did not converge are left out)."""
+    boot = fit.bootstrap(n_boot, seed=seed)
+    keep = np.asarray(boot.converged, dtype=bool)
+    if not keep.any():
+        raise RuntimeError("confint(method='bootstrap'): no bootstrap refit converged")
+    natural, beta = np.asarray(boot.params, dtype=float)[keep], np.asarray(boot.beta, dtype=float)[keep]
+    alpha = (1.0 - level) / 2.0
+    rows = {}
+    for par in _select(lme4_parameters(fit), parm):
+        values = _psi_values(par, natural, beta)
+        values = values[np.isfinite(values)]
+        rows[par.name] = tuple(np.quantile(values, [alpha, 1.0 - alpha])) if values.size else (np.nan, np.nan)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=["lower", "upper"])
