@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import equinox as eqx
@@ -193,3 +194,19 @@ def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | str | None =
     values = dict(zip(fit.param_names, np.asarray(fit.natural_params).tolist(), strict=True))
     values.update(zip(beta_names, np.asarray(fit.beta).tolist(), strict=True))
     return BootstrapResult(fit.param_names, tuple(beta_names), theta, params, beta, loglik, converged, n_iter, values)
+
+
+def refit(fit, y, **options):
+    """lme4's ``refit(fit, newresp)``: the same model and fixed-effects design fitted to another response ``y`` (n,)
+    of the fit's rows (same method and algorithm; ``options`` go to :func:`jreml.estimate`), with the fit's names."""
+    y = np.asarray(y, dtype=float)
+    n = fit.y.shape[-1]
+    if y.shape != (n,):
+        raise ValueError(f"refit: the new response must have the fit's {n} rows, got shape {y.shape}")
+    bad = np.flatnonzero(~np.isfinite(y))
+    if bad.size:
+        raise ValueError(f"refit: the new response is not finite at row {int(bad[0])} ({bad.size} rows in all)")
+    new = estimate(fit.model, y, fit.X, method=fit.method, algorithm=fit.algorithm.split("+")[0], **options)
+    return dataclasses.replace(
+        new, beta_names=fit.beta_names, formula=fit.formula, n_dropped=fit.n_dropped, formula_info=fit.formula_info
+    )

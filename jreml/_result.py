@@ -6,7 +6,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._backends.sparse import conditional_variances, sparse_structure
 from ._covariance.base import AbstractCovariance
-from ._covariance.queries import observed_mask
+from ._covariance.queries import kernel_variance_index, observed_mask
 from ._inference import anova_table, check_ddf, coef_table
 from ._inference.ddf import Pieces
 from ._likelihood import core, trace_weight
@@ -145,6 +145,13 @@ def _leading_blocks(model, theta, sizes: tuple[tuple[str, int], ...]):
         else:
             out[name] = term.G(theta_g)[:m, :m]
     return out
+
+
+class Estimate(NamedTuple):
+    """A derived quantity and its delta-method standard error (``FitResult.delta``, ``FitResult.h2``)."""
+
+    value: float
+    se: float
 
 
 class FitResult(eqx.Module):
@@ -283,6 +290,73 @@ class FitResult(eqx.Module):
         from ._bootstrap import bootstrap  # _bootstrap imports _estimate, which imports this module
 
         return bootstrap(self, n_boot, seed, **options)
+
+    def simulate(self, nsim: int = 1, seed: int = 0):
+        """lme4's ``simulate(fit, nsim, seed)``: (nsim, n) responses y* = Xβ̂ + chol(V(θ̂))·z, z ~ N(0, I) from
+        ``jax.random.key(seed)`` (the draws ``bootstrap`` refits)."""
+        from ._bootstrap import simulate  # _bootstrap imports _estimate, which imports this module
+
+        if int(nsim) < 1:
+            raise ValueError(f"nsim must be >= 1, got {nsim!r}")
+        return simulate(self, int(nsim), seed)
+
+    def refit(self, y, **options):
+        """lme4's ``refit(fit, newresp)``: this model fitted to the response ``y`` (the fit's rows), names kept."""
+        from ._bootstrap import refit  # _bootstrap imports _estimate, which imports this module
+
+        return refit(self, y, **options)
+
+    def fitted(self):
+        """Conditional fitted values Xβ̂ + Σ Z û (lme4's ``fitted``)."""
+        return self._random_effects()[1]
+
+    def delta(self, fn) -> Estimate:
+        """A function of the parameters with its delta-method standard error.
+
+        ``fn(p)`` gets ``p``: the natural parameters by name (``params``) and the fixed effects by name
+        (``fixef``; ``beta[j]`` without a formula), and returns a scalar built with ``jax.numpy``. Its SE is
+        sqrt(∇_θgᵀ·vcov_theta·∇_θg + ∇_βgᵀ·vcov_beta·∇_βg): θ̂ and β̂ are asymptotically independent under ML and
+        REML, and the gradients come from autodiff through the parametrisation θ → natural parameters.
+        """
+        if np.ndim(self.loglik) != 0:
+            raise ValueError("delta needs a single fit, not a batch")
+        beta_names = self.beta_names or tuple(f"beta[{j}]" for j in range(self.beta.shape[-1]))
+
+        def g(theta, beta):
+            natural = self.model.build_params(theta)
+            values = {name: natural[i] for i, name in enumerate(self.param_names)}
+            values.update({name: beta[j] for j, name in enumerate(beta_names)})
+            return jnp.asarray(fn(values), dtype=theta.dtype).reshape(())
+
+        value, (g_theta, g_beta) = jax.value_and_grad(g, argnums=(0, 1))(self.theta, self.beta)
+        var = g_theta @ self.vcov_theta @ g_theta + g_beta @ self.vcov_beta @ g_beta
+        return Estimate(float(value), float(jnp.sqrt(jnp.maximum(var, 0.0))))
+
+    @property
+    def h2(self) -> Estimate:
+        """Heritability h² = σ²_K / Σσ² of the single relationship-matrix term (GCTA's V(G)/Vp) with its
+        delta-method SE; models with another structure raise AttributeError."""
+        found = kernel_variance_index(self.model)
+        if found is None:
+            raise AttributeError("h2 needs a variance-component model with exactly one relationship-matrix term")
+        index = found[0]
+        names = list(self.param_names)
+        return self.delta(lambda p: p[names[index]] / sum(p[name] for name in names))
+
+    def coef(self) -> dict[str, pd.DataFrame]:
+        """lme4's ``coef(fit)``: per grouping factor, a DataFrame by level with every fixed effect, plus that
+        level's conditional mode where the factor has a random effect of the same name."""
+        fixef = self.fixef
+        out = {}
+        for group, frame in self.ranef.items():
+            table = pd.DataFrame({name: np.full(len(frame), value) for name, value in fixef.items()}, index=frame.index)
+            for column in frame.columns:
+                if column.endswith("_sd"):
+                    continue
+                label = column.split(":")[-1] if column not in table.columns else column
+                table[label] = table[label] + frame[column] if label in table.columns else frame[column]
+            out[group] = table
+        return out
 
     def marginal_predict(self, X=None):
         """Xβ̂ (fixed effects only); ``X`` defaults to the fitted design."""
