@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -70,6 +71,33 @@ def _level_names(column) -> list[str]:
     if values and all(isinstance(v, float | np.floating) for v in values):
         return [str(float(v)) for v in values]
     return [str(v) for v in values]
+
+
+def _level_candidates(column) -> list[tuple[str, ...]]:
+    """The names a value of a ``newdata`` factor column may have among the fit's levels, matched by value: the
+    fit names ints as ints and floats as floats (``_level_names``), so 308 and 308.0 name the same level whichever
+    dtype each frame has (a NaN in an int column makes it float); a missing value has none (its row falls back to
+    the fixed effects)."""
+    out = []
+    for v in pd.Series(column).to_numpy(dtype=object).tolist():
+        if v is None or (isinstance(v, float | np.floating) and np.isnan(v)) or v is pd.NA:
+            out.append(())
+        elif isinstance(v, int | np.integer) and not isinstance(v, bool):
+            out.append((str(int(v)), str(float(v))))
+        elif isinstance(v, float | np.floating):
+            out.append((str(int(v)), str(float(v))) if float(v).is_integer() else (str(float(v)),))
+        else:
+            out.append((str(v),))
+    return out
+
+
+def _find_level(position: dict[str, int], parts: tuple[tuple[str, ...], ...]) -> int:
+    """The fit's level index of one row's factor values (their candidate names joined by ":"), or −1."""
+    for combination in itertools.product(*parts):
+        index = position.get(":".join(combination))
+        if index is not None:
+            return index
+    return -1
 
 
 def _abbreviate(name: str, minlength: int = 6) -> str:
@@ -412,9 +440,9 @@ class FitResult(eqx.Module):
             M = self._new_matrix(info.spec, newdata, f"random term {info.name!r}")
             if info.columns is not None:
                 M = M[:, list(info.columns)]
-        names = [_level_names(newdata[f]) for f in info.factors]
+        names = [_level_candidates(newdata[f]) for f in info.factors]
         position = {level: j for j, level in enumerate(info.levels)}
-        rows = np.array([position.get(":".join(parts), -1) for parts in zip(*names, strict=True)], dtype=np.int64)
+        rows = np.array([_find_level(position, parts) for parts in zip(*names, strict=True)], dtype=np.int64)
         seen = rows >= 0
         contribution = np.zeros(len(newdata))
         contribution[seen] = np.sum(M[seen] * u[rows[seen]], axis=1)

@@ -260,6 +260,25 @@ def test_new_levels_predict_from_fixed_effects_alone():
     np.testing.assert_allclose(pred, [want0, fe["(Intercept)"] + fe["Machine[T.B]"]], rtol=1e-12)
 
 
+def test_predict_matches_levels_by_value_whatever_the_column_dtype():
+    """A grouping column of ints in the fit and floats in newdata (or a NaN, which makes an int column float)
+    names the same levels: each row keeps its random effects; only the missing level's row falls back to the
+    fixed effects (it silently dropped every random effect)."""
+    data = jreml.datasets.load("machines")
+    data["Worker"] = data["Worker"].astype(int)
+    fit = jreml.fit("score ~ Machine + (1 | Worker) + (1 | Worker:Machine)", data)
+    want = np.asarray(fit.predict(newdata=data.head(6)))
+    as_float = data.head(6).assign(Worker=data["Worker"].head(6).astype(float))
+    np.testing.assert_allclose(np.asarray(fit.predict(newdata=as_float)), want, rtol=1e-12)
+    with_nan = as_float.copy()
+    with_nan.loc[2, "Worker"] = np.nan
+    got = np.asarray(fit.predict(newdata=with_nan))
+    np.testing.assert_allclose(np.delete(got, 2), np.delete(want, 2), rtol=1e-12)
+    fe = fit.fixef
+    machine = data.loc[2, "Machine"]
+    np.testing.assert_allclose(got[2], fe["(Intercept)"] + fe.get(f"Machine[T.{machine}]", 0.0), rtol=1e-12)
+
+
 def test_predict_errors():
     fit = fitted("machines", "reml")
     with pytest.raises(ValueError, match="not seen in the fit"):
