@@ -15,6 +15,9 @@ Parts (each prints a table; nothing is asserted and the script always exits 0):
   ``y ~ x + (1 | g) + (1 | h)`` crossed with √n levels each, and InstEval-shaped data (n/25 students,
   1,128·(n/73,421)^(1/3) lecturers, 28 department×service cells). jreml warm (median of ``--repeats``) and lme4 in
   the same run, lme4 up to ``--r-timeout`` seconds per fit; the growth exponent between consecutive sizes.
+* **kb07**: the maximal model of a kb07-shaped simulation (``kb07_like``: 56 subjects × 32 items, 1,789 rows,
+  ``(1 + spkr*prec*load | subj) + (1 + spkr*prec*load | item)``, 72 covariance parameters), REML: jreml's first
+  and warm fit with its defaults, lme4's ``lmer`` in the same run.
 * **pystatistics** (``pip install pystatistics``, a sparse profiled-deviance peer): ``y ~ 1 + x + (1 | g)`` with
   groups of 10 at n = 5,000 and 50,000, warm medians of both.
 
@@ -215,6 +218,83 @@ def part_insteval(args, r_ok: bool, tmp: str):
         )
 
 
+KB07 = "rt ~ 1 + spkr*prec*load + (1 + spkr*prec*load | subj) + (1 + spkr*prec*load | item)"
+
+
+def kb07_like(seed: int = 0) -> pd.DataFrame:
+    """kb07's shape (Kronmüller & Barr 2007, MixedModels.jl's benchmark): 56 subjects × 32 items, 1,789 rows, three
+    two-level factors varying within subjects and items (a Latin square), all eight cells' effects random by
+    subject and by item, correlated: 8 fixed columns, 2 × 36 covariance parameters."""
+    rng = np.random.default_rng(seed)
+    subj, item = (a.ravel() for a in np.meshgrid(np.arange(56), np.arange(32), indexing="ij"))
+    cell = (subj + item) % 8
+    spkr, prec, load = cell & 1, (cell >> 1) & 1, (cell >> 2) & 1
+    columns = [np.ones(subj.size), spkr, prec, load, spkr * prec, spkr * load, prec * load, spkr * prec * load]
+    X = np.column_stack(columns)
+    beta = np.array([2200.0, 60, -330, 180, -20, 10, -30, 15])
+
+    def covariance(sds):
+        corr = np.full((8, 8), 0.2)
+        np.fill_diagonal(corr, 1.0)
+        return np.outer(sds, sds) * corr
+
+    b_subj = rng.multivariate_normal(np.zeros(8), covariance(np.array([300.0, 60, 80, 40, 30, 30, 30, 20])), 56)
+    b_item = rng.multivariate_normal(np.zeros(8), covariance(np.array([350.0, 40, 250, 40, 30, 20, 30, 20])), 32)
+    y = X @ beta + np.sum(X * b_subj[subj], 1) + np.sum(X * b_item[item], 1) + rng.normal(scale=650, size=subj.size)
+    frame = pd.DataFrame(
+        {
+            "rt": y,
+            "subj": [f"S{s}" for s in subj],
+            "item": [f"I{i}" for i in item],
+            "spkr": np.where(spkr == 1, "old", "new"),
+            "prec": np.where(prec == 1, "maintain", "break"),
+            "load": np.where(load == 1, "yes", "no"),
+        }
+    )
+    return frame.drop(index=rng.choice(len(frame), 3, replace=False)).reset_index(drop=True)
+
+
+LME4_KB07 = textwrap.dedent(
+    """
+    suppressMessages(library(lme4))
+    args <- commandArgs(trailingOnly = TRUE)
+    d <- read.csv(args[1], stringsAsFactors = TRUE)
+    t <- system.time(m <- lmer(as.formula(args[2]), data = d, REML = TRUE))
+    cat(t[["elapsed"]], format(as.numeric(logLik(m)), digits = 15), "\\n")
+    """
+)
+
+
+def part_kb07(args, r_ok: bool, tmp: str):
+    """The maximal kb07-shaped model: jreml's first and warm fit (defaults) and lme4's lmer in the same run."""
+    path = os.path.join(tmp, "kb07.csv")
+    df = kb07_like()
+    df.to_csv(path, index=False)
+    print(f"\n## kb07-shaped maximal model: {KB07}, n = {len(df):,}, 72 covariance parameters\n")
+    print("first_s | warm_s | lme4_s | lme4/warm | loglik jreml | loglik lme4 | iter | status | backend")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | ---")
+    first, warm, loglik, n_iter, backend, message, _ = jreml_times(KB07, df, "reml", 1)
+    peer = None
+    if r_ok:
+        with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as f:
+            f.write(LME4_KB07)
+        try:
+            out = subprocess.run(
+                ["Rscript", f.name, path, KB07], capture_output=True, text=True, timeout=args.r_timeout
+            )
+            if out.returncode == 0:
+                peer = tuple(float(v) for v in out.stdout.split()[:2])
+        except subprocess.TimeoutExpired:
+            peer = None
+        finally:
+            os.unlink(f.name)
+    peer_s = peer[0] if peer else None
+    print(
+        f"{fmt(first)} | {fmt(warm)} | {fmt(peer_s)} | {fmt(peer_s / warm if peer_s else None, 1)} | {loglik:.4f}"
+        f" | {f'{peer[1]:.4f}' if peer else '-'} | {n_iter} | {message} | {backend}"
+    )
+
+
 def part_growth(args, r_ok: bool, tmp: str):
     designs = (
         ("(x|g), groups of 10", "y ~ x + (x | g)", slopes),
@@ -279,7 +359,7 @@ def main():
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--r-timeout", type=float, default=600.0, help="seconds per lme4 fit before giving up")
-    parser.add_argument("--skip", nargs="*", default=(), choices=("insteval", "growth", "pystatistics"))
+    parser.add_argument("--skip", nargs="*", default=(), choices=("insteval", "growth", "pystatistics", "kb07"))
     parser.add_argument("--no-lme4", action="store_true")
     parser.add_argument("--blas-threads", type=int, default=None)
     args = parser.parse_args()
@@ -294,6 +374,8 @@ def main():
             part_growth(args, r_ok, tmp)
         if "pystatistics" not in args.skip:
             part_pystatistics(args)
+        if "kb07" not in args.skip:
+            part_kb07(args, r_ok, tmp)
     print(load_average())
 
 
