@@ -496,6 +496,8 @@ def fit_batch(
         raise ValueError(f"chunk_size must be 'auto' or an integer >= 1, got {chunk_size!r}")
     Y, names = _as_matrix(data, responses)
     T = Y.shape[1]
+    if T == 0:
+        raise ValueError("fit_batch: responses is empty; give at least one (a column name, or an (n, T) array)")
     rhs = _rhs(formula)
     if _ROW in data.columns:
         raise ValueError(f"the data may not have a column named {_ROW!r}")

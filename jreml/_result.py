@@ -406,6 +406,8 @@ class FitResult(eqx.Module):
         info = self._info("predict(newdata=...)")
         if not isinstance(newdata, pd.DataFrame):
             raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        if len(newdata) == 0:  # lme4 returns numeric(0)
+            return jnp.zeros((0,), dtype=self.beta.dtype)
         X = self._new_matrix(info.fixed_spec, newdata, "fixed part")[:, list(info.fixed_columns)]
         fitted = X @ np.asarray(self.beta)
         if fixed_only:

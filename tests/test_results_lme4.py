@@ -287,6 +287,9 @@ def test_predict_errors():
         fit.predict(re_form="~(1 | Worker)")
     with pytest.raises(ValueError, match="Worker"):
         fit.predict(newdata=pd.DataFrame({"Machine": ["A"]}))
+    assert np.asarray(fit.predict(newdata=jreml.datasets.load("machines").head(0))).shape == (0,)  # lme4: numeric(0)
+    with pytest.raises(ValueError, match="responses is empty"):
+        jreml.fit_batch("~ Machine + (1 | Worker)", jreml.datasets.load("machines"), [])
     ex = jreml.example("dyestuff")
     plain = jreml.estimate(ex.model, ex.y, ex.X)
     with pytest.raises(AttributeError, match="jreml.fit"):
