@@ -1,4 +1,4 @@
-"""Environment lines shared by the benchmark scripts: scipy's OpenBLAS and the load average.
+"""Environment lines shared by the benchmark scripts: scipy's OpenBLAS, the load average, whether lme4 is there.
 
 Not a benchmark: the scripts import it as ``_blas`` (running ``python benchmarks/<script>.py`` puts this folder
 first on ``sys.path``).
@@ -44,3 +44,16 @@ def blas_report(blas_threads: int | None) -> str:
 
 def load_average() -> str:
     return f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+
+
+def have_lme4() -> bool:
+    """Rscript on PATH with the R package lme4 installed (the peer of the benchmarks)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("Rscript") is None:
+        return False
+    out = subprocess.run(
+        ["Rscript", "-e", "cat(requireNamespace('lme4', quietly=TRUE))"], capture_output=True, text=True
+    )
+    return out.stdout.strip().endswith("TRUE")

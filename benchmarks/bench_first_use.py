@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 import pandas as pd
-from _blas import load_average
+from _blas import have_lme4, load_average
 
 import jreml
 
@@ -104,15 +104,6 @@ def jreml_env(fusion_default: bool, cache_dir: str | None) -> dict:
         env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
-
-
-def have_lme4() -> bool:
-    if shutil.which("Rscript") is None:
-        return False
-    out = subprocess.run(
-        ["Rscript", "-e", "cat(requireNamespace('lme4', quietly=TRUE))"], capture_output=True, text=True
-    )
-    return out.stdout.strip().endswith("TRUE")
 
 
 def lme4_ten(folder: str) -> float:

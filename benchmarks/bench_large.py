@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,21 +40,12 @@ import time
 
 import numpy as np
 import pandas as pd
-from _blas import blas_report, load_average
+from _blas import blas_report, have_lme4, load_average
 
 import jreml
 
 INSTEVAL = "y ~ 1 + service + (1 | s) + (1 | d) + (1 | dept:service)"
 FACTORS = ("s", "d", "dept", "service", "g", "h")
-
-
-def have_lme4() -> bool:
-    if shutil.which("Rscript") is None:
-        return False
-    out = subprocess.run(
-        ["Rscript", "-e", "cat(requireNamespace('lme4', quietly=TRUE))"], capture_output=True, text=True
-    )
-    return out.stdout.strip().endswith("TRUE")
 
 
 def insteval_from_r(path: str) -> bool:

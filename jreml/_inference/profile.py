@@ -299,11 +299,7 @@ def _psi_values(par: ProfileParameter, natural: np.ndarray, beta: np.ndarray) ->
     """ψ of every replicate: natural (B, k) and beta (B, p) → (B,)."""
     if par.kind == "beta":
         return beta[:, par.indices[0]]
-    if par.kind in ("sd", "sigma"):
-        return np.sqrt(np.maximum(natural[:, par.indices[0]], 0.0))
-    cov, vi, vj = par.indices
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return natural[:, cov] / np.sqrt(natural[:, vi] * natural[:, vj])
+    return np.asarray(jax.vmap(lambda values: _psi(par.kind, par.indices, values))(jnp.asarray(natural)))
 
 
 def wald_confint(fit, level: float = 0.95, parm=None) -> pd.DataFrame:
