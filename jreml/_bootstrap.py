@@ -13,6 +13,7 @@ import pandas as pd
 
 from ._batch import DENSE_CPU_CHUNK, MAX_AUTO_CHUNK, batch_form, runs_dense, takes_spectral_path
 from ._estimate import BATCH_FIELDS, estimate, refine_batch
+from ._result import register_refitting, simulate
 from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._spectral import decompose, fit_rotated, rotate, spectral_form
 
@@ -63,14 +64,6 @@ class BootstrapResult:
         return pd.DataFrame(
             {"estimate": [self.estimate[n] for n in names], pct[0]: lower, pct[1]: upper}, index=pd.Index(names)
         )
-
-
-def simulate(fit, n_boot: int, seed: int = 0) -> jax.Array:
-    """(n_boot, n) responses y* = Xβ̂ + L·z, L = chol(V(θ̂)), z ~ N(0, I) from ``jax.random.key(seed)``."""
-    V = fit.model(fit.theta)
-    L = jnp.linalg.cholesky(V)
-    z = jax.random.normal(jax.random.key(seed), (int(n_boot), V.shape[0]), dtype=V.dtype)
-    return (fit.X @ fit.beta)[None, :] + z @ L.T
 
 
 #: Replicates per vmapped call and device when ``chunk_size="auto"``. A vmapped while-loop runs every replicate
@@ -210,3 +203,6 @@ def refit(fit, y, **options):
     return dataclasses.replace(
         new, beta_names=fit.beta_names, formula=fit.formula, n_dropped=fit.n_dropped, formula_info=fit.formula_info
     )
+
+
+register_refitting(bootstrap=bootstrap, refit=refit)

@@ -25,6 +25,7 @@ from ._likelihood import DERIVATIVES, check_method, derivatives_at
 from ._result import FitResult
 from ._solvers import as_algorithm
 from ._solvers.base import free_mask
+from ._solvers.defaults import DEFAULTS
 from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STALLED, STATUS_MESSAGES, run
 
 #: Lower bound of a variance, relative to the data's residual variance (θ is clipped there).
@@ -514,18 +515,18 @@ def estimate(
     algorithm="ai",
     derivatives: str = "auto",
     dv_builder=None,
-    max_iter: int = 200,
-    eta: float = 1.0,
+    max_iter: int = DEFAULTS.max_iter,
+    eta: float = DEFAULTS.eta,
     lb: Float[Array, " k"] | None = None,
     ub: Float[Array, " k"] | None = None,
-    tol_score: float = 1e-6,
-    tol_delta: float = 1e-6,
-    tol_loglik: float = 1e-8,
+    tol_score: float = DEFAULTS.tol_score,
+    tol_delta: float = DEFAULTS.tol_delta,
+    tol_loglik: float = DEFAULTS.tol_loglik,
     check_score: bool = True,
     check_delta: bool = True,
     check_loglik: bool = True,
-    min_iter: int = 2,
-    max_halvings: int = 20,
+    min_iter: int = DEFAULTS.min_iter,
+    max_halvings: int = DEFAULTS.max_halvings,
     em_fallback: bool = True,
     verbose: int = 0,
     throw: bool = True,

@@ -175,6 +175,32 @@ def _leading_blocks(model, theta, sizes: tuple[tuple[str, int], ...]):
     return out
 
 
+def simulate(fit, nsim: int, seed: int = 0) -> Float[Array, "nsim n"]:
+    """(nsim, n) responses y* = Xβ̂ + L·z, L = chol(V(θ̂)), z ~ N(0, I) from ``jax.random.key(seed)``."""
+    V = fit.model(fit.theta)
+    L = jnp.linalg.cholesky(V)
+    z = jax.random.normal(jax.random.key(seed), (int(nsim), V.shape[0]), dtype=V.dtype)
+    return (fit.X @ fit.beta)[None, :] + z @ L.T
+
+
+#: What refits a result (``FitResult.bootstrap`` / ``refit``): the batch engine, which sits above this layer because
+#: it fits through ``estimate``, which builds ``FitResult``s. ``_bootstrap`` registers its functions here when it is
+#: imported (``jreml/__init__`` imports it), so the dependency points downwards at import time.
+_REFITTING: dict = {}
+
+
+def register_refitting(**functions) -> None:
+    """Give ``FitResult`` the functions it refits with (``bootstrap``, ``refit``); called by ``_bootstrap``."""
+    _REFITTING.update(functions)
+
+
+def _refitting(name: str):
+    try:
+        return _REFITTING[name]
+    except KeyError:  # pragma: no cover - jreml/__init__ imports _bootstrap
+        raise RuntimeError(f"FitResult.{name} needs jreml's batch engine: import jreml first") from None
+
+
 class Estimate(NamedTuple):
     """A derived quantity and its delta-method standard error (``FitResult.delta``, ``FitResult.h2``)."""
 
@@ -315,24 +341,18 @@ class FitResult(eqx.Module):
     def bootstrap(self, n_boot: int, seed: int = 0, **options):
         """Parametric bootstrap: ``n_boot`` responses simulated from the fit, refitted in one vmapped program
         (see :func:`jreml.bootstrap`)."""
-        from ._bootstrap import bootstrap  # _bootstrap imports _estimate, which imports this module
+        return _refitting("bootstrap")(self, n_boot, seed, **options)
 
-        return bootstrap(self, n_boot, seed, **options)
-
-    def simulate(self, nsim: int = 1, seed: int = 0):
+    def simulate(self, nsim: int = 1, seed: int = 0) -> Float[Array, "nsim n"]:
         """lme4's ``simulate(fit, nsim, seed)``: (nsim, n) responses y* = Xβ̂ + chol(V(θ̂))·z, z ~ N(0, I) from
         ``jax.random.key(seed)`` (the draws ``bootstrap`` refits)."""
-        from ._bootstrap import simulate  # _bootstrap imports _estimate, which imports this module
-
         if int(nsim) < 1:
             raise ValueError(f"nsim must be >= 1, got {nsim!r}")
         return simulate(self, int(nsim), seed)
 
     def refit(self, y, **options):
         """lme4's ``refit(fit, newresp)``: this model fitted to the response ``y`` (the fit's rows), names kept."""
-        from ._bootstrap import refit  # _bootstrap imports _estimate, which imports this module
-
-        return refit(self, y, **options)
+        return _refitting("refit")(self, y, **options)
 
     def fitted(self):
         """Conditional fitted values Xβ̂ + Σ Z û (lme4's ``fitted``)."""

@@ -38,7 +38,9 @@ from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
 from ._covariance.queries import SpectralForm, spectral_form
 from ._estimate import BOUNDARY_RELATIVE_VARIANCE, SINGULAR_RELATIVE_VARIANCE, _pseudo_inverse
+from ._backends.select import spectral_options
 from ._likelihood import check_method
+from ._solvers.defaults import DEFAULTS
 from ._solvers.loop import CONVERGED, MAX_ITER, RUNNING, STALLED
 
 __all__ = ["SpectralForm", "SpectralFit", "spectral_form", "decompose", "fit_spectral", "fit_rotated", "fit_padded"]
@@ -460,7 +462,7 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options, n_obs=None):
             it=jnp.where(fresh, 0, st.it + 1),
             n_iter=st.n_iter + 1,
         )
-        # Floors at the dtype's rounding level: in float32 the default tolerances (1e-8, 1e-6, 1e-10) lie below
+        # Floors at the dtype's rounding level: in float32 tolerances of 1e-8 or 1e-10 lie below
         # it and fits ran to max_iter; in float64 the floors are below the defaults for |ℓ| < 10⁴.
         noise = jnp.finfo(dtype).eps * (1.0 + jnp.abs(f_c))
         score_ok = jnp.abs(free_gradient(new.tau, new.g)) < jnp.maximum(tol_score, 64.0 * noise)
@@ -546,30 +548,21 @@ def _fit_padded_jit(Yt, Xt, lam, base_theta, n_obs, tol, opts):
     return jax.vmap(lambda *a: _fit_one(*a[:4], tol, opts, a[4]))(Yt, Xt, lam, base_theta, n_obs)
 
 
-def _settings(
-    form: SpectralForm,
-    dtype,
-    *,
-    method: str = "reml",
-    max_iter: int = 200,
-    max_halvings: int = 30,
-    min_iter: int = 1,
-    tol_score: float = 1e-8,
-    tol_delta: float = 1e-6,
-    tol_loglik: float = 1e-10,
-) -> tuple[_Options, Array]:
-    """The loop's static options and its tolerances (score, step, log-likelihood): the options, and defaults, of
-    ``fit_rotated`` and ``fit_padded``."""
+def _settings(form: SpectralForm, dtype, *, method: str = "reml", **options) -> tuple[_Options, Array]:
+    """The loop's static options and its tolerances (score, step, log-likelihood): the options of ``fit_rotated``
+    and ``fit_padded``, with ``estimate``'s defaults (``_solvers.defaults.DEFAULTS``); options the spectral fit does
+    not have are accepted at the values it matches (``select.spectral_options``)."""
+    settings = DEFAULTS._replace(**spectral_options(options))
     opts = _Options(
         form.kernel_index,
         form.residual_index,
         form.powers,
         check_method(method),
-        int(max_iter),
-        int(max_halvings),
-        int(min_iter),
+        int(settings.max_iter),
+        int(settings.max_halvings),
+        int(settings.min_iter),
     )
-    return opts, jnp.asarray([tol_score, tol_delta, tol_loglik], dtype)
+    return opts, jnp.asarray([settings.tol_score, settings.tol_delta, settings.tol_loglik], dtype)
 
 
 def fit_rotated(design: SpectralDesign, Yt, *, place=None, **options) -> SpectralFit:

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 from .._covariance.base import AbstractCovariance
 from .._covariance.queries import spectral_terms
 from .._solvers import as_algorithm
+from .._solvers.defaults import SPECTRAL_MATCHES
 from .mme import mme_structure
 from .sparse import sparse_structure
 
@@ -23,9 +24,34 @@ BACKENDS = ("auto", "dense", "mme", "sparse")
 #: O(r²·q₁ + r³) (r: the random effects outside the largest term). Below it both are a few milliseconds.
 SPARSE_MIN_Q = 200
 
-#: Options the spectral path of ``fit_batch``/``bootstrap`` has; a batch given any other option (even at its
-#: default value) runs on the general loop instead, whose defaults it then gets.
+#: Options the spectral path of ``fit_batch``/``bootstrap`` has (with ``estimate``'s defaults,
+#: ``_solvers.defaults.DEFAULTS``); a batch given another option runs on the general loop, unless the option has the
+#: value the spectral path matches (``SPECTRAL_MATCHES``: ``algorithm="ai"``, ``verbose=0``, ...).
 SPECTRAL_OPTIONS = frozenset({"max_iter", "max_halvings", "min_iter", "tol_score", "tol_delta", "tol_loglik"})
+
+
+def _spectral_accepts(options: dict) -> bool:
+    """Whether the spectral path honours every one of a batch's options."""
+    for key, value in options.items():
+        if key in SPECTRAL_OPTIONS:
+            continue
+        if key not in SPECTRAL_MATCHES:
+            return False
+        if key == "algorithm":
+            value = as_algorithm(value).name
+        if not isinstance(value, str | int | float) or value != SPECTRAL_MATCHES[key]:
+            return False
+    return True
+
+
+def spectral_options(options: dict) -> dict:
+    """The options of the spectral fit among ``options`` (``SPECTRAL_OPTIONS``); the others must have the values
+    it matches (``SPECTRAL_MATCHES``), else a ValueError names the first that does not."""
+    for key, value in options.items():
+        if key not in SPECTRAL_OPTIONS and not _spectral_accepts({key: value}):
+            matched = f"only {key}={SPECTRAL_MATCHES[key]!r}" if key in SPECTRAL_MATCHES else "no such option"
+            raise ValueError(f"the spectral fit cannot take {key}={value!r} ({matched}); use fit_batch(spectral=False)")
+    return {key: value for key, value in options.items() if key in SPECTRAL_OPTIONS}
 
 _SPARSE_FORM = (
     'backend="sparse" needs V = sum_j Z_j G_j Z_j^T + residual with each Z_j a factor\'s codes (DummyMatrix or '
@@ -78,7 +104,7 @@ def choose(
         raise ValueError(_MME_FORM)
     if backend == "sparse" and not blocked:
         raise ValueError(_SPARSE_FORM)
-    if batch_options is not None and spectral and set(batch_options) <= SPECTRAL_OPTIONS:
+    if batch_options is not None and spectral and _spectral_accepts(batch_options):
         return BackendChoice("spectral", "V = s2_k*K + s2_e*I fitted in batches: one eigendecomposition of K", q)
     if backend == "dense":
         return BackendChoice("dense", 'backend="dense" was asked for', q)
@@ -115,7 +141,8 @@ def select_backend(
        an error.
     2. In a batch (``batch_options``: the options given to ``fit_batch`` or ``bootstrap``, ``None`` for a single
        fit), a model V = σ²_k·K + σ²_e·I runs on the **spectral** path, unless an option outside
-       ``SPECTRAL_OPTIONS`` is given (the spectral fit has no such option).
+       ``SPECTRAL_OPTIONS`` is given at a value the spectral fit does not match (``algorithm="fisher"``,
+       ``backend="dense"``, ``check_score=False``, ...: ``SPECTRAL_MATCHES`` lists the values it matches).
     3. ``backend="dense"``, ``algorithm="fisher"`` (the expected information needs every ∂V/∂θ as an n×n
        matrix) and ``derivatives`` other than "auto" run **dense**.
     4. A model Σ_j Z_j G_j Z_jᵀ + σ²I (+ known diagonals) with fixed Z_j and q = Σ q_j random effects runs on the
