@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from ._backends.select import spectral_options
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
 from ._covariance.queries import SpectralForm, spectral_form
 from ._estimate import BOUNDARY_RELATIVE_VARIANCE, SINGULAR_RELATIVE_VARIANCE, _pseudo_inverse
-from ._backends.select import spectral_options
 from ._likelihood import check_method
 from ._solvers.defaults import DEFAULTS
 from ._solvers.loop import CONVERGED, MAX_ITER, RUNNING, STALLED

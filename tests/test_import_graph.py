@@ -12,6 +12,7 @@ import jreml
 
 PACKAGE = pathlib.Path(jreml.__file__).parent
 
+
 def _module_name(path: pathlib.Path) -> str:
     parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

@@ -53,6 +53,7 @@ def spectral_options(options: dict) -> dict:
             raise ValueError(f"the spectral fit cannot take {key}={value!r} ({matched}); use fit_batch(spectral=False)")
     return {key: value for key, value in options.items() if key in SPECTRAL_OPTIONS}
 
+
 _SPARSE_FORM = (
     'backend="sparse" needs V = sum_j Z_j G_j Z_j^T + residual with each Z_j a factor\'s codes (DummyMatrix or '
     "GroupedColumns) and G_j = I (x) B_j (Scalar, Diagonal, Identity, or Kronecker(Identity, B)): the random terms "
