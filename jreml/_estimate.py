@@ -13,15 +13,16 @@ import numpy as np
 from jax.errors import JaxRuntimeError
 from jaxtyping import Array, Float
 
-from ._backends.equations import EQUATIONS, equations_structure
+from ._backends.base import AbstractBackend
+from ._backends.dense import DenseBackend
+from ._backends.equations import EQUATIONS, EquationsBackend
 from ._backends.mme import mme_structure, static_block_diagonal
 from ._backends.select import choose
 from ._backends.sparse import check_memory, sparse_pattern, sparse_structure
 from ._config import as_float_array, float_dtype
 from ._covariance.observed import observation_count, observed_data
 from ._covariance.queries import as_covariance, observed_mask
-from ._implicit import fitted_core, implicit_theta_mme
-from ._likelihood import DERIVATIVES, check_method, derivatives_at
+from ._likelihood import DERIVATIVES, check_method
 from ._result import FitResult
 from ._solvers import as_algorithm
 from ._solvers.base import free_mask
@@ -126,12 +127,9 @@ def _fit(
     snap = jnp.where(scale_mask, singular_threshold, -jnp.inf)
     # variance = e^{p·θ} on the scale parameters: p = 1 / (θ(e·v) − θ(v))
     powers = jnp.where(scale_mask, 1.0 / (model.default_theta(scale * jnp.e) - model.default_theta(scale)), 1.0)
-    mme = None
-    if backend in EQUATIONS:
-        # ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
-        structure = equations_structure(model, backend)
-        data = structure.prepare(y, X, pattern if backend == "sparse" else mme_blocks)
-        mme = (equations_structure(model_values, backend), _stop_gradient(data))
+    engine = _backend(backend, derivatives, dv_builder, mme_blocks, pattern)
+    # ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
+    state = engine.prepare(model, y, X)
     out = run(
         model_values,
         y_values,
@@ -146,29 +144,21 @@ def _fit(
         eta,
         reml=reml,
         algorithm=algorithm,
-        derivatives=derivatives,
-        dv_builder=dv_builder,
+        backend=engine,
+        state=_stop_gradient(state),
         max_iter=max_iter,
         max_halvings=max_halvings,
         checks=checks,
         min_iter=min_iter,
         em_plan=em_plan,
         verbose=verbose,
-        mme=mme,
     )
     theta = out.theta
     if throw:
         theta = eqx.error_if(theta, out.status == INVALID_START, STATUS_MESSAGES[INVALID_START])
     at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
     free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
-    if backend in EQUATIONS:
-        theta = implicit_theta_mme(theta, free, model, y, X, reml, mme_blocks, backend)
-        c, final = structure.evaluate(theta, y, X, reml=reml, information="ai", data=data)
-    else:
-        theta, c = fitted_core(theta, free, model, y, X, reml)
-        final = derivatives_at(
-            theta, y, X, model, c, reml=reml, information="ai", derivatives=derivatives, dv_builder=dv_builder
-        )
+    theta, c, final = engine.fitted(theta, free, model, y, X, state, reml=reml)
     p = X.shape[1]
     chol_inv = jax.scipy.linalg.solve_triangular(c.chol_xvx, jnp.eye(p, dtype=dtype), lower=True)
     vcov_beta = chol_inv.T @ chol_inv
@@ -199,6 +189,13 @@ def _fit(
         algorithm=algorithm.name,
         param_names=model.param_names,
     )
+
+
+def _backend(name: str, derivatives: str, dv_builder, block_diagonal, pattern) -> AbstractBackend:
+    """The back end named by ``select_backend``'s choice, with this fit's configuration."""
+    if name in EQUATIONS:
+        return EquationsBackend(name, block_diagonal if name == "mme" else None, pattern if name == "sparse" else None)
+    return DenseBackend(derivatives, dv_builder)
 
 
 def _stop_gradient(tree):

@@ -29,11 +29,11 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 
+from ._backends.dense.likelihood import core
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
 from ._covariance.queries import is_covariance
 from ._entry import estimate
-from ._likelihood import core
 from ._result import _random_effects
 
 SELECT = ("last", "best")

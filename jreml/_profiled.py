@@ -35,11 +35,12 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 from jaxtyping import Array, Float
 
+from ._backends.dense.likelihood import core
 from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
 from ._covariance.compose import Sum
 from ._covariance.queries import is_covariance, rescale_theta, residual_index
-from ._likelihood import check_method, core
+from ._likelihood import check_method
 
 
 class ProfiledObjective(eqx.Module):

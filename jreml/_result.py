@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 
+from ._backends.dense.likelihood import core, trace_weight
 from ._backends.sparse import conditional_variances, sparse_structure
 from ._covariance.base import AbstractCovariance
 from ._covariance.queries import kernel_variance_index, observed_mask
 from ._inference import anova_table, check_ddf, coef_table
 from ._inference.ddf import Pieces
-from ._likelihood import core, trace_weight
 from ._solvers.loop import History
 from ._solvers.results import status_message
 

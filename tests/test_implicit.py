@@ -105,7 +105,7 @@ def test_a_variance_at_its_boundary_has_zero_sensitivity():
 @pytest.mark.parametrize("name", ["machines", "sleepstudy"])
 @pytest.mark.parametrize("reml", [True, False])
 def test_closed_form_observed_information_matches_autodiff(name, reml):
-    from jreml._implicit import observed_information_at
+    from jreml._backends.dense.implicit import observed_information_at
 
     ex = jreml.example(name)
     theta = ex.model.default_theta(jnp.asarray(float(np.var(ex.y)))) + 0.3

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jreml
+from jreml._backends.dense.likelihood import core, derivatives_at
 from jreml._backends.mme import (
     block_layout,
     mme_core,
@@ -18,7 +19,6 @@ from jreml._backends.mme import (
     static_block_diagonal,
 )
 from jreml._backends.select import choose
-from jreml._likelihood import core, derivatives_at
 from jreml.covariance import (
     CovariancePropagation,
     DiagonalMatrix,

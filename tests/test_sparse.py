@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from test_results_lme4 import CASES, lme4_fixef, lme4_varcorr, none_if_nan, reference
 
 import jreml
+from jreml._backends.dense.likelihood import core, derivatives_at, trace_weight
 from jreml._backends.select import SPARSE_MIN_Q
 from jreml._backends.sparse import (
     check_memory,
@@ -21,7 +22,6 @@ from jreml._backends.sparse import (
     sparse_structure,
 )
 from jreml._design.build import build_design
-from jreml._likelihood import core, derivatives_at, trace_weight
 from jreml.covariance import (
     CovariancePropagation,
     DummyMatrix,

@@ -57,7 +57,7 @@ from .._covariance.compose import (
     Sum,
 )
 from .._covariance.observed import ObservedRows
-from .._likelihood import INFORMATION, Core, Derivatives, _cholesky, gaussian_loglik
+from .base import INFORMATION, Core, Derivatives, _cholesky, gaussian_loglik
 
 
 class Term(NamedTuple):

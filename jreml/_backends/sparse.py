@@ -49,7 +49,7 @@ from jaxtyping import Array, Bool, Float, Int
 from .._covariance.basic import DiagonalMatrix, IdentityMatrix, KnownDiagonalMatrix, ScalarMatrix
 from .._covariance.compose import CovariancePropagation, DummyMatrix, GroupedColumns, KroneckerProduct, Sum
 from .._covariance.observed import ObservedRows
-from .._likelihood import INFORMATION, Core, Derivatives, _cholesky
+from .base import INFORMATION, Core, Derivatives, _cholesky
 from .mme import (
     MAX_BLOCK,
     ResidualPart,

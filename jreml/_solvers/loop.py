@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from .._likelihood import core, derivatives_at
 from .base import AbstractAlgorithm, em_direction, free_mask, projected_solve
 from .results import RESULTS
 
@@ -53,27 +52,10 @@ class Evaluation(NamedTuple):
     information: Float[Array, "k k"]
 
 
-def evaluate(theta, y, X, model, *, reml, information, derivatives, dv_builder, mme=None) -> Evaluation:
-    """ℓ, β̂, score and information at θ; score and information are zero where V is not PD.
-
-    ``mme``: ``(structure, prepared)`` of an equations back end (``_backends.equations``), or None for the dense
-    path.
-    """
-    if mme is not None:
-        c, d = mme[0].evaluate(theta, y, X, reml=reml, information=information, data=mme[1])
-    else:
-        c = core(theta, y, X, model, reml)
-        d = derivatives_at(
-            theta,
-            y,
-            X,
-            model,
-            c,
-            reml=reml,
-            information=information,
-            derivatives=derivatives,
-            dv_builder=dv_builder,
-        )
+def evaluate(theta, y, X, model, *, reml, information, backend, state) -> Evaluation:
+    """ℓ, β̂, score and information at θ by ``backend`` (an ``AbstractBackend``; ``state``: what its ``prepare``
+    gave); score and information are zero where V is not PD."""
+    c, d = backend.evaluate(theta, model, y, X, state, reml=reml, information=information)
     ok = c.ok & jnp.all(jnp.isfinite(d.score)) & jnp.all(jnp.isfinite(d.information))
     zero = jnp.zeros((), theta.dtype)
     return Evaluation(
@@ -195,22 +177,19 @@ def run(
     *,
     reml: bool,
     algorithm: AbstractAlgorithm,
-    derivatives: str,
-    dv_builder,
+    backend,
+    state,
     max_iter: int,
     max_halvings: int,
     checks: tuple[bool, bool, bool],
     min_iter: int,
     em_plan,
     verbose: int,
-    mme=None,
 ) -> LoopResult:
-    """``mme``: ``(structure, prepared)`` of the MME back end (``_backends.mme``), or None for the dense path.
+    """``backend``: the ``AbstractBackend`` that evaluates the model, ``state`` what its ``prepare`` gave.
     ``powers``: p with variance = e^{p·θ} for each log-scale parameter (1 for a log-variance, 2 for a log standard
     deviation or a log-Cholesky diagonal; 1 elsewhere)."""
-    ev_kwargs = dict(
-        reml=reml, information=algorithm.information, derivatives=derivatives, dv_builder=dv_builder, mme=mme
-    )
+    ev_kwargs = dict(reml=reml, information=algorithm.information, backend=backend, state=state)
     k, p = theta0.shape[0], X.shape[1]
     dtype = theta0.dtype
     tol_score, tol_delta, tol_loglik = tolerances[0], tolerances[1], tolerances[2]

@@ -1,4 +1,4 @@
-r"""Derivatives through a fit by the implicit function theorem (not by unrolling the iterations).
+r"""The dense back end's derivatives through a fit by the implicit function theorem (not by unrolling the iterations).
 
 At an interior optimum the score vanishes: s(θ̂(p); p) = 0 for the data and model arrays p = (model leaves φ,
 y, X). Differentiating, with H = −∂s/∂θ the observed information at θ̂,
@@ -22,8 +22,8 @@ V_k = ∂V/∂θ_k, A = XᵀV⁻¹X, B = V⁻¹X·A⁻¹ and dV the change of V 
 (Harville 1977, JASA 72:320 for the derivatives of P; implicit differentiation of optimisation layers:
 Blondel et al. 2022, "Efficient and modular implicit differentiation", NeurIPS.)
 
-The mixed-model-equations back end has its own rule (``implicit_theta_mme``): the same theorem with s and H from
-autodiff of the q×q MME log-likelihood, so that no n×n matrix is formed.
+The other back ends use the general form of the theorem (``_backends.implicit.implicit_theta``): s and H by
+autodiff of their own log-likelihood, so that no n×n matrix is formed.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from ._backends.equations import equations_structure
-from ._likelihood import Core, core, trace_weight
+from ..base import Core
+from ..implicit import implicit_step, instantiate, is_zero
+from .likelihood import core, trace_weight
 
 
 class _Curvature(NamedTuple):
@@ -102,70 +103,9 @@ def fitted_core(theta_hat, free, model, y, X, reml: bool) -> tuple[jax.Array, Co
     return _fitted(static, reml, jax.lax.stop_gradient(theta_hat), free, dynamic, y, X)
 
 
-def implicit_theta_mme(
-    theta_hat, free, model, y, X, reml: bool, block_diagonal: bool | None = None, backend: str = "mme"
-):
-    """θ̂ as a differentiable function of (model arrays, y, X) for the mixed-model-equations back end.
-
-    The same theorem, dθ̂ = H⁻¹ (∂s/∂p) dp, with the score s and H = −∂s/∂θ taken by autodiff of the MME
-    log-likelihood (q×q factorisations, O(nq² + q³)): ∂s/∂p·dp is a forward-mode product through the reverse-mode
-    score and H its Jacobian in θ (k×k). No n×n matrix is formed, so a gradient through an MME fit scales like
-    the fit. ``block_diagonal`` is the fit's static block decision (``_backends.mme.static_block_diagonal``).
-    """
-    dynamic, static = eqx.partition(model, eqx.is_array)
-    config = (reml, block_diagonal, backend)
-    return _theta_mme(static, config, jax.lax.stop_gradient(theta_hat), free, dynamic, y, X)
-
-
-def _mme_loglik(theta, dynamic, y, X, static, config):
-    reml, block_diagonal, backend = config
-    model = eqx.combine(dynamic, static)
-    structure = equations_structure(model, backend)
-    return structure.core(theta, y, X, reml, structure.prepare(y, X, block_diagonal)).loglik
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _theta_mme(static, config, theta_hat, free, dynamic, y, X):
-    return theta_hat
-
-
-def _theta_mme_jvp(static, config, primals, tangents):
-    theta, free, dynamic, y, X = primals
-    _, _, d_dynamic, d_y, d_X = tangents
-    if _is_zero((d_dynamic, d_y, d_X)):
-        return theta, jnp.zeros_like(theta)
-    d_dynamic, d_y, d_X = _instantiate((d_dynamic, d_y, d_X))
-    loglik = functools.partial(_mme_loglik, static=static, config=config)
-    information = -jax.hessian(loglik)(theta, dynamic, y, X)
-
-    def score(dyn, yy, xx):
-        return jax.grad(loglik)(theta, dyn, yy, xx)
-
-    _, d_score = jax.jvp(score, (dynamic, y, X), (d_dynamic, d_y, d_X))
-    return theta, _implicit_step(0.5 * (information + information.T), free, d_score)
-
-
-_theta_mme.defjvp(_theta_mme_jvp, symbolic_zeros=True)
-
-
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _fitted(static, reml, theta_hat, free, dynamic, y, X):
     return theta_hat, core(theta_hat, y, X, eqx.combine(dynamic, static), reml)
-
-
-def _is_zero(tangent) -> bool:
-    return all(isinstance(t, SymbolicZero) for t in jax.tree_util.tree_leaves(tangent))
-
-
-def _instantiate(tangent):
-    def one(t):
-        if not isinstance(t, SymbolicZero):
-            return t
-        if t.dtype == jax.dtypes.float0:
-            return np.zeros(t.shape, dtype=jax.dtypes.float0)
-        return jnp.zeros(t.shape, t.dtype)
-
-    return jax.tree_util.tree_map(one, tangent, is_leaf=lambda t: isinstance(t, SymbolicZero))
 
 
 def _cholesky_tangent(chol, d_matrix):
@@ -173,17 +113,6 @@ def _cholesky_tangent(chol, d_matrix):
     inner = solve_triangular(chol, solve_triangular(chol, d_matrix, lower=True).T, lower=True).T
     phi = jnp.tril(inner) - 0.5 * jnp.diag(jnp.diagonal(inner))
     return chol @ phi
-
-
-def _implicit_step(information, free, d_score):
-    """dθ̂ = H⁻¹ ds on the free parameters, by the information's pseudo-inverse (a flat direction gets 0, not inf)."""
-    both = free[:, None] & free[None, :]
-    information = jnp.where(both, information, jnp.eye(information.shape[0], dtype=information.dtype))
-    eigvals, eigvecs = jnp.linalg.eigh(information)
-    keep = eigvals > 1e-12 * jnp.max(jnp.abs(eigvals))
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, eigvals, 1.0), 0.0)
-    d_theta = eigvecs @ (inv * (eigvecs.T @ jnp.where(free, d_score, 0.0)))
-    return jnp.where(free, d_theta, 0.0)
 
 
 def _fitted_jvp(static, reml, primals, tangents):
@@ -204,9 +133,9 @@ def _fitted_jvp(static, reml, primals, tangents):
     d_score = curv.dv_u.T @ (project(residual) - b @ (d_X.T @ u))
     if reml:
         d_score = d_score + jnp.einsum("ij,kij->k", d_X, jnp.einsum("kij,jp->kip", curv.m_dv, b))
-    model_moves = not _is_zero(d_dynamic)
+    model_moves = not is_zero(d_dynamic)
     if model_moves:
-        d_dynamic = _instantiate(d_dynamic)
+        d_dynamic = instantiate(d_dynamic)
         w = jnp.outer(u, u) - weight
 
         def matrix_and_half_contraction(dyn):
@@ -219,7 +148,7 @@ def _fitted_jvp(static, reml, primals, tangents):
         d_score = (
             d_score - curv.dv_u.T @ project(d_v @ u) + 0.5 * jnp.einsum("ij,kji->k", weight @ d_v, curv.m_dv) + d_mixed
         )
-    d_theta = _implicit_step(curv.information, free, d_score)
+    d_theta = implicit_step(curv.information, free, d_score)
 
     # The final evaluation at θ̂, moved by dθ̂ and dp. dV_tot = Σ_k V_k dθ̂_k + dV enters only through
     # products with u, V⁻¹X and M, taken term by term so that no n×n tangent is formed for them.
