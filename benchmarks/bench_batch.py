@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 
 import jreml
+from jreml._backends.spectral import decompose, fit_rotated, rotate
 from jreml._batch import batch_form, chunk_for, fit_batch, runs_dense
 from jreml._design.build import build_design
-from jreml._spectral import decompose, fit_rotated, rotate
 
 
 def simulate(K, X, n_traits, rng):

@@ -45,7 +45,6 @@ from ._batch import BatchFit as BatchFit
 from ._batch import fit_batch as fit_batch
 from ._bootstrap import BootstrapResult as BootstrapResult
 from ._bootstrap import bootstrap as bootstrap
-from ._spectral import SpectralFit as SpectralFit
-from ._spectral import fit_spectral as fit_spectral
+from ._entry import fit_spectral as fit_spectral
 
 __version__ = "0.1.0"

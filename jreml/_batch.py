@@ -15,13 +15,13 @@ from ._backends.mme import mme_structure
 from ._backends.rewrites import KernelRotation, batch_form
 from ._backends.select import select_backend
 from ._backends.sparse import sparse_bytes, sparse_structure
+from ._backends.spectral import SpectralDesign, decompose, fit_padded, fit_rotated, rotate, spectral_form
 from ._covariance.observed import ObservedRows
 from ._covariance.queries import kernel_variance_index
 from ._design.build import build_design
 from ._estimate import estimate, refine_batch
 from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
-from ._spectral import SpectralDesign, decompose, fit_padded, fit_rotated, rotate, spectral_form
 
 __all__ = ["BatchFit", "fit_batch"]
 

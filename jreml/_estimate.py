@@ -25,14 +25,9 @@ from ._covariance.queries import as_covariance, observed_mask
 from ._likelihood import DERIVATIVES, check_method
 from ._result import FitResult
 from ._solvers import as_algorithm
-from ._solvers.base import free_mask
-from ._solvers.defaults import DEFAULTS
+from ._solvers.base import free_mask, pseudo_inverse
+from ._solvers.defaults import BOUNDARY_RELATIVE_VARIANCE, DEFAULTS, SINGULAR_RELATIVE_VARIANCE
 from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STALLED, STATUS_MESSAGES, run
-
-#: Lower bound of a variance, relative to the data's residual variance (θ is clipped there).
-BOUNDARY_RELATIVE_VARIANCE = 1e-14
-#: A variance below this fraction of the residual variance is reported as singular (lme4: relative SD 1e-4).
-SINGULAR_RELATIVE_VARIANCE = 1e-8
 
 # Incremented each time the fitting program is traced (tests check that vmap and refits compile once).
 TRACE_COUNT = [0]
@@ -163,7 +158,7 @@ def _fit(
     chol_inv = jax.scipy.linalg.solve_triangular(c.chol_xvx, jnp.eye(p, dtype=dtype), lower=True)
     vcov_beta = chol_inv.T @ chol_inv
     information = jnp.where(c.ok, final.information, 0.0)
-    vcov_theta = _pseudo_inverse(information)
+    vcov_theta = pseudo_inverse(information)
     params = model.build_params(theta)
     return FitResult(
         theta=theta,
@@ -201,17 +196,6 @@ def _backend(name: str, derivatives: str, dv_builder, block_diagonal, pattern) -
 def _stop_gradient(tree):
     dynamic, static = eqx.partition(tree, eqx.is_array)
     return eqx.combine(jax.lax.stop_gradient(dynamic), static)
-
-
-def _pseudo_inverse(information):
-    """Inverse of the information; directions with (near-)zero information get zero variance, not inf/NaN."""
-    if information.shape[0] == 0:
-        return information
-    eigvals, eigvecs = jnp.linalg.eigh(information)
-    top = jnp.max(jnp.abs(eigvals))
-    keep = eigvals > 1e-10 * top
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, eigvals, 1.0), 0.0)
-    return (eigvecs * inv) @ eigvecs.T
 
 
 _fit_jit = eqx.filter_jit(_fit)

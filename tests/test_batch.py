@@ -90,7 +90,7 @@ def test_missing_values_and_chunks(batch, kinship):
 def test_many_missingness_patterns_share_one_spectral_program(batch, kinship):
     """Traits with different missing rows (one pattern each) go through one padded spectral program (fit_padded)
     instead of one compilation per number of rows, and still equal separate fits on each trait's complete rows."""
-    from jreml._spectral import PADDED_TRACES
+    from jreml._backends.spectral import PADDED_TRACES
 
     ex, relmat = kinship
     data = ex.data.copy()

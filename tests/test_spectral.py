@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import jreml
-from jreml._spectral import decompose, fit_padded, fit_rotated, fit_spectral, rotate, spectral_form
+from jreml._backends.spectral import decompose, fit_padded, fit_rotated, rotate, spectral_form, spectral_solve
 
 TRAITS = [f"trait{i}" for i in range(1, 9)]
 TIGHT = dict(tol_score=1e-10, tol_delta=1e-10, tol_loglik=1e-12)
@@ -15,7 +15,7 @@ TIGHT = dict(tol_score=1e-10, tol_delta=1e-10, tol_loglik=1e-12)
 def kinship():
     ex = jreml.example("kinship")
     Y = ex.data[TRAITS].to_numpy(float).T
-    return ex, Y, fit_spectral(ex.model, Y, ex.X)
+    return ex, Y, spectral_solve(ex.model, Y, ex.X)
 
 
 def test_spectral_form_detection():
@@ -60,9 +60,9 @@ def test_matches_dense_estimate(kinship):
 
 def test_single_response_and_ml(kinship):
     ex, Y, _ = kinship
-    one = fit_spectral(ex.model, Y[2], ex.X)
+    one = spectral_solve(ex.model, Y[2], ex.X)
     assert one.loglik.shape == ()
-    ml = fit_spectral(ex.model, Y[2], ex.X, method="ml")
+    ml = spectral_solve(ex.model, Y[2], ex.X, method="ml")
     dense = jreml.estimate(ex.model, Y[2], ex.X, method="ml", **TIGHT)
     np.testing.assert_allclose(float(ml.loglik), float(dense.loglik), rtol=0, atol=1e-8)
     np.testing.assert_allclose(ml.natural_params, dense.natural_params, rtol=1e-7)
@@ -72,7 +72,7 @@ def test_boundary_and_iid_kernel():
     ex = jreml.example("kinship")
     rng = np.random.default_rng(1)
     y = ex.X @ np.array([1.0, 0.5]) + rng.normal(size=len(ex.y))  # no genetic variance at all
-    fit = fit_spectral(ex.model, y, ex.X, design=decompose(ex.model, ex.X))
+    fit = spectral_solve(ex.model, y, ex.X, design=decompose(ex.model, ex.X))
     dense = jreml.estimate(ex.model, y, ex.X, **TIGHT)
     assert bool(fit.converged)
     np.testing.assert_allclose(float(fit.loglik), float(dense.loglik), rtol=0, atol=1e-7)
@@ -80,7 +80,7 @@ def test_boundary_and_iid_kernel():
         assert bool(fit.singular) and float(fit.h2) < 1e-6
     # dyestuff: random intercept = kernel Z Z'
     dy = jreml.example("dyestuff")
-    fit = fit_spectral(dy.model, dy.y, dy.X)
+    fit = spectral_solve(dy.model, dy.y, dy.X)
     dense = jreml.estimate(dy.model, dy.y, dy.X, **TIGHT)
     np.testing.assert_allclose(float(fit.loglik), float(dense.loglik), rtol=0, atol=1e-8)
     np.testing.assert_allclose(fit.natural_params, dense.natural_params, rtol=1e-7)
@@ -109,7 +109,7 @@ def test_straggler_like_traits_converge_fast():
             mean + 0.3 * L @ rng.normal(size=n) + rng.normal(size=n),  # h2 ~ 0.08
         ]
     )
-    fit = fit_spectral(ex.model, Y, ex.X)
+    fit = spectral_solve(ex.model, Y, ex.X)
     assert bool(np.all(fit.converged)) and int(np.max(fit.n_iter)) <= 30
     for i in range(len(Y)):
         dense = jreml.estimate(ex.model, Y[i], ex.X, **TIGHT)
@@ -172,7 +172,7 @@ FLOAT32_SCRIPT = r"""
 import json, sys
 import numpy as np
 import jreml
-from jreml._spectral import fit_spectral
+from jreml._backends.spectral import spectral_solve
 from jreml.covariance import FixedMatrix, ScalarMatrix
 assert jreml.float_dtype() == np.float32
 K = jreml.datasets.kinship_matrix()
@@ -180,7 +180,7 @@ n = K.shape[0]
 rng = np.random.default_rng(0)
 L = np.linalg.cholesky(K + 1e-8 * np.eye(n))
 Y = (L @ rng.normal(size=(n, 200))).T * 0.7 + rng.normal(size=(200, n))
-out = fit_spectral(FixedMatrix(K) + ScalarMatrix(n), Y)
+out = spectral_solve(FixedMatrix(K) + ScalarMatrix(n), Y)
 json.dump({"converged": np.asarray(out.converged).tolist(), "n_iter": np.asarray(out.n_iter).tolist(),
            "h2": np.asarray(out.h2, dtype=float).tolist()}, sys.stdout)
 """
@@ -237,3 +237,25 @@ def test_padded_fits_equal_their_own_designs(kinship, method):
             [designs[0], decompose(ex.model, ex.X)._replace(form=designs[0].form._replace(powers=(2.0, 1.0)))],
             rotated[:2],
         )
+
+
+def test_fit_spectral_returns_the_fit_result_of_estimate():
+    """The public ``jreml.fit_spectral`` gives the ``FitResult`` that ``estimate`` gives, with the same default
+    tolerances: ℓ, θ̂, β̂, their covariances and P·y (so BLUPs and residuals) agree, one response or many."""
+    ex = jreml.example("kinship")
+    spectral = jreml.fit_spectral(ex.model, ex.y, ex.X)
+    general = jreml.estimate(ex.model, ex.y, ex.X)
+    assert type(spectral) is type(general) is jreml.FitResult
+    assert spectral.algorithm == "spectral" and spectral.param_names == general.param_names
+    assert bool(spectral.converged) and spectral.history.theta.shape == (1, ex.model.num_free_params)
+    np.testing.assert_allclose(float(spectral.loglik), float(general.loglik), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(spectral.natural_params, general.natural_params, rtol=1e-4)
+    np.testing.assert_allclose(spectral.beta, general.beta, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(spectral.p_y, general.p_y, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(spectral.residuals(), general.residuals(), rtol=1e-4, atol=1e-6)
+    Y = np.stack([ex.y, ex.y[::-1]])
+    many = jreml.fit_spectral(ex.model, Y, ex.X)
+    assert many.loglik.shape == (2,) and many.p_y.shape == Y.shape
+    np.testing.assert_allclose(float(many.loglik[0]), float(spectral.loglik), rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="cannot take algorithm='fisher'"):
+        jreml.fit_spectral(ex.model, ex.y, ex.X, algorithm="fisher")

@@ -92,3 +92,14 @@ def em_direction(theta, score, free, plan) -> Float[Array, " k"]:
     ratio = 1.0 + 2.0 * score / (powers * dims)
     step = jnp.log(jnp.maximum(ratio, 1e-8)) / powers
     return jnp.where(free, step, 0.0)
+
+
+def pseudo_inverse(information):
+    """Inverse of the information; directions with (near-)zero information get zero variance, not inf/NaN."""
+    if information.shape[0] == 0:
+        return information
+    eigvals, eigvecs = jnp.linalg.eigh(information)
+    top = jnp.max(jnp.abs(eigvals))
+    keep = eigvals > 1e-10 * top
+    inv = jnp.where(keep, 1.0 / jnp.where(keep, eigvals, 1.0), 0.0)
+    return (eigvecs * inv) @ eigvecs.T

@@ -25,6 +25,11 @@ class LoopDefaults(NamedTuple):
 
 DEFAULTS = LoopDefaults()
 
+#: Lower bound of a variance, relative to the data's residual variance (θ is clipped there).
+BOUNDARY_RELATIVE_VARIANCE = 1e-14
+#: A variance below this fraction of the residual variance is reported as singular (lme4: relative SD 1e-4).
+SINGULAR_RELATIVE_VARIANCE = 1e-8
+
 #: Options of ``estimate`` that the spectral path of a batch does not have, at the values it matches: a batch given
 #: one of them at this value stays on the spectral path (an option's key never picks a path, only its value).
 SPECTRAL_MATCHES = {

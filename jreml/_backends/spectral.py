@@ -34,16 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from ._backends.select import spectral_options
-from ._config import as_float_array
-from ._covariance.base import AbstractCovariance
-from ._covariance.queries import SpectralForm, spectral_form
-from ._estimate import BOUNDARY_RELATIVE_VARIANCE, SINGULAR_RELATIVE_VARIANCE, _pseudo_inverse
-from ._likelihood import check_method
-from ._solvers.defaults import DEFAULTS
-from ._solvers.loop import CONVERGED, MAX_ITER, RUNNING, STALLED
+from .._config import as_float_array
+from .._covariance.base import AbstractCovariance
+from .._covariance.queries import SpectralForm, spectral_form
+from .._likelihood import check_method
+from .._solvers.base import pseudo_inverse
+from .._solvers.defaults import BOUNDARY_RELATIVE_VARIANCE, DEFAULTS, SINGULAR_RELATIVE_VARIANCE
+from .._solvers.loop import CONVERGED, MAX_ITER, RUNNING, STALLED
+from .select import spectral_options
 
-__all__ = ["SpectralForm", "SpectralFit", "spectral_form", "decompose", "fit_spectral", "fit_rotated", "fit_padded"]
+__all__ = ["SpectralForm", "SpectralSolution", "spectral_form", "decompose", "fit_rotated", "fit_padded", "rotate"]
 
 
 class SpectralDesign(NamedTuple):
@@ -106,8 +106,9 @@ def _cho_solve(L, b):
     return jnp.stack(x)
 
 
-class SpectralFit(eqx.Module):
-    """Result of :func:`fit_spectral` (every leaf gains a leading batch axis when fitted to many responses)."""
+class SpectralSolution(eqx.Module):
+    """What the spectral loop returns for a chunk of responses (every leaf with a leading batch axis); the batch
+    engine copies it into ``BatchFit`` / ``BootstrapResult``, ``jreml.fit_spectral`` into ``FitResult``s."""
 
     theta: Float[Array, " k"]
     natural_params: Float[Array, " k"]
@@ -372,7 +373,7 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options, n_obs=None):
 
     ``n_obs``: the number of observations when ``yt``, ``Xt`` and ``lam`` are padded with zeros to a common length
     (responses with different missing rows in one program); the padding then changes nothing. Returns the
-    :class:`SpectralFit` fields (without param_names) as a dict.
+    :class:`SpectralSolution` fields (without param_names) as a dict.
     """
     n, p = Xt.shape
     if n_obs is not None:
@@ -501,7 +502,7 @@ def _fit_one(yt, Xt, lam, base_theta, tol, opts: _Options, n_obs=None):
     chol_inv = jax.scipy.linalg.solve_triangular(ev.chol_c, eye, lower=True)
     vcov_beta = chol_inv.T @ chol_inv
     information = jnp.where(ev.ok, ai, 0.0)
-    vcov_theta = _pseudo_inverse(information)
+    vcov_theta = pseudo_inverse(information)
     s2k, s2e = _variances(theta, opts)
     natural = jnp.zeros_like(theta).at[opts.k_index].set(s2k).at[opts.e_index].set(s2e)
 
@@ -565,7 +566,7 @@ def _settings(form: SpectralForm, dtype, *, method: str = "reml", **options) -> 
     return opts, jnp.asarray([settings.tol_score, settings.tol_delta, settings.tol_loglik], dtype)
 
 
-def fit_rotated(design: SpectralDesign, Yt, *, place=None, **options) -> SpectralFit:
+def fit_rotated(design: SpectralDesign, Yt, *, place=None, **options) -> SpectralSolution:
     """Fit already-rotated responses ``Yt`` (T, n) (rows Uᵀy). ``place`` optionally shards the arrays; ``options``:
     ``method``, ``max_iter``, ``max_halvings``, ``min_iter``, ``tol_score``, ``tol_delta``, ``tol_loglik``."""
     Yt = as_float_array(Yt, "Yt")
@@ -583,10 +584,10 @@ def fit_rotated(design: SpectralDesign, Yt, *, place=None, **options) -> Spectra
         tol,
         opts,
     )
-    return SpectralFit(**out, param_names=design.form.param_names, method="reml" if opts.reml else "ml")
+    return SpectralSolution(**out, param_names=design.form.param_names, method="reml" if opts.reml else "ml")
 
 
-def fit_padded(designs: list[SpectralDesign], Yt, *, place=None, **options) -> SpectralFit:
+def fit_padded(designs: list[SpectralDesign], Yt, *, place=None, **options) -> SpectralSolution:
     """Fit rotated responses of different designs in one program: ``Yt`` (T, N) holds response t's rotated values
     Uᵀy of ``designs[t]`` (n_t ≤ N observations) followed by zeros. Each design's λ and X̃ are padded with zeros to
     N as well; the likelihood counts the first n_t entries only, so every fit equals the one of ``fit_rotated``
@@ -617,7 +618,7 @@ def fit_padded(designs: list[SpectralDesign], Yt, *, place=None, **options) -> S
         arrays = [place(a) for a in arrays]
     opts, tol = _settings(designs[0].form, dtype, **options)
     out = _fit_padded_jit(*arrays, tol, opts)
-    return SpectralFit(**out, param_names=designs[0].form.param_names, method="reml" if opts.reml else "ml")
+    return SpectralSolution(**out, param_names=designs[0].form.param_names, method="reml" if opts.reml else "ml")
 
 
 def rotate(design: SpectralDesign, Y) -> np.ndarray:
@@ -626,12 +627,11 @@ def rotate(design: SpectralDesign, Y) -> np.ndarray:
     return Y @ design.U
 
 
-def fit_spectral(model: AbstractCovariance, Y, X=None, *, design: SpectralDesign | None = None, **options):
-    """Fit V = σ²_k·K + σ²_e·I to one response (n,) or many (T, n) by the spectral AI-REML iteration.
-
-    Returns a :class:`SpectralFit`; with a 2-D ``Y`` every leaf has a leading batch axis. ``options``:
-    ``method`` ("reml"/"ml"), ``max_iter``, ``max_halvings``, ``min_iter``, ``tol_score``, ``tol_delta``,
-    ``tol_loglik``.
+def spectral_solve(model: AbstractCovariance, Y, X=None, *, design: SpectralDesign | None = None, **options):
+    """Fit V = σ²_k·K + σ²_e·I to one response (n,) or many (T, n) by the spectral iteration: the back end's own
+    record (:class:`SpectralSolution`; with a 2-D ``Y`` every leaf has a leading batch axis). ``jreml.fit_spectral``
+    returns the same fits as ``FitResult``s. ``options``: ``method`` ("reml"/"ml"), ``max_iter``,
+    ``max_halvings``, ``min_iter``, ``tol_score``, ``tol_delta``, ``tol_loglik``.
     """
     Y = np.asarray(Y, dtype=float)
     single = Y.ndim == 1
@@ -647,3 +647,13 @@ def fit_spectral(model: AbstractCovariance, Y, X=None, *, design: SpectralDesign
     if single:
         out = jax.tree_util.tree_map(lambda a: a[0], out)
     return out
+
+
+def transformed_residuals(design: SpectralDesign, solution: SpectralSolution, Y) -> np.ndarray:
+    """Py = V̂⁻¹(y − Xβ̂) (T, n) in the data's basis: U·diag(1/(σ²_k·λ + σ²_e))·Uᵀ(y − Xβ̂), per response."""
+    form = design.form
+    params = np.atleast_2d(np.asarray(solution.natural_params))
+    beta = np.atleast_2d(np.asarray(solution.beta))
+    rotated = rotate(design, Y) - beta @ design.Xt.T
+    d = params[:, [form.kernel_index]] * design.lam[None, :] + params[:, [form.residual_index]]
+    return (rotated / d) @ design.U.T
