@@ -13,12 +13,8 @@ import numpy as np
 from jax.errors import JaxRuntimeError
 from jaxtyping import Array, Float
 
-from ._backends.base import AbstractBackend
-from ._backends.dense import DenseBackend
-from ._backends.equations import EQUATIONS, EquationsBackend
-from ._backends.mme import mme_structure, static_block_diagonal
-from ._backends.select import choose
-from ._backends.sparse import check_memory, sparse_pattern, sparse_structure
+from ._backends.configure import backend_for, host_configuration
+from ._backends.select import choose, equations_form
 from ._config import as_float_array, float_dtype
 from ._covariance.observed import observation_count, observed_data
 from ._covariance.queries import as_covariance, observed_mask
@@ -122,7 +118,9 @@ def _fit(
     snap = jnp.where(scale_mask, singular_threshold, -jnp.inf)
     # variance = e^{p·θ} on the scale parameters: p = 1 / (θ(e·v) − θ(v))
     powers = jnp.where(scale_mask, 1.0 / (model.default_theta(scale * jnp.e) - model.default_theta(scale)), 1.0)
-    engine = _backend(backend, derivatives, dv_builder, mme_blocks, pattern)
+    engine = backend_for(
+        backend, derivatives=derivatives, dv_builder=dv_builder, block_diagonal=mme_blocks, pattern=pattern
+    )
     # ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
     state = engine.prepare(model, y, X)
     out = run(
@@ -184,13 +182,6 @@ def _fit(
         algorithm=algorithm.name,
         param_names=model.param_names,
     )
-
-
-def _backend(name: str, derivatives: str, dv_builder, block_diagonal, pattern) -> AbstractBackend:
-    """The back end named by ``select_backend``'s choice, with this fit's configuration."""
-    if name in EQUATIONS:
-        return EquationsBackend(name, block_diagonal if name == "mme" else None, pattern if name == "sparse" else None)
-    return DenseBackend(derivatives, dv_builder)
 
 
 def _stop_gradient(tree):
@@ -316,27 +307,15 @@ def _split_model(model):
     return treedef, static, dynamic, tuple(shapes)
 
 
-def _mme_q(model):
-    """Number of random effects q when the MME back end can evaluate the model, else None."""
-    structure = mme_structure(model)
-    return None if structure is None else structure.q
-
-
-def _equations_form(model):
-    """(q or None as ``_mme_q``, whether the model has the blocked form of the sparse back end)."""
-    q = _mme_q(model)
-    return q, q is not None and sparse_structure(model) is not None
-
-
 def _model_info(model, split):
-    """(shape, num_free_params, em_plan, ``_equations_form``) of the model, cached per structure and leaf shapes."""
+    """(shape, num_free_params, em_plan, ``equations_form``) of the model, cached per structure and leaf shapes."""
     if split is None:
-        return model.shape, model.num_free_params, model.em_plan(), _equations_form(model)
+        return model.shape, model.num_free_params, model.em_plan(), equations_form(model)
     treedef, static, _, shapes = split
     key = (treedef, static, shapes)
     info = _MODEL_INFO.get(key)
     if info is None:
-        info = (tuple(model.shape), model.num_free_params, model.em_plan(), _equations_form(model))
+        info = (tuple(model.shape), model.num_free_params, model.em_plan(), equations_form(model))
         info = _remember(_MODEL_INFO, key, info)
     return info
 
@@ -588,24 +567,18 @@ def estimate(
         if b is not None:
             b = jnp.broadcast_to(as_float_array(b, name), (k,))
         bounds.append(b)
-    if algo.name == "em" and em_plan is None:
+    if algo.em_steps and em_plan is None:
         raise ValueError(
             'algorithm="em" needs a variance-component model V = sum of variance * known matrix '
             "(ScalarMatrix, FixedMatrix, CovariancePropagation of a fixed Z with one of those)"
         )
-    if not em_fallback and algo.name != "em":
+    if not em_fallback and not algo.em_steps:
         em_plan = None
     if max_iter < 0 or max_halvings < 1 or min_iter < 0:
         raise ValueError("max_iter and min_iter must be >= 0 and max_halvings >= 1")
     resolved_backend = choose(backend, mme_q, shape[0], algo.information, derivatives, blocked=blocked).name
-    mme_blocks = None
-    if resolved_backend == "mme" and not any(_is_traced(a) for a in model_leaves):
-        mme_blocks = static_block_diagonal(mme_structure(model))
-    pattern = None
-    if resolved_backend == "sparse":
-        blocked_form = sparse_structure(model)
-        check_memory(blocked_form, X.shape[1], k)
-        pattern = sparse_pattern(blocked_form)  # None under a transform of the model: then L₂₁ is dense
+    model_traced = any(_is_traced(a) for a in model_leaves)
+    mme_blocks, pattern = host_configuration(resolved_backend, model, X.shape[1], model_traced)
     options = (
         ("reml", reml),
         ("algorithm", algo),

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 import jreml
+from jreml._backends.memory import bytes_per_response
 from jreml._backends.select import SPECTRAL_OPTIONS
-from jreml._batch import bytes_per_response, runs_dense, takes_spectral_path
+from jreml._batch import runs_dense, takes_spectral_path
 
 
 @pytest.fixture(scope="module")

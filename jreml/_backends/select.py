@@ -126,6 +126,14 @@ def choose(
     return BackendChoice("mme", f"q = {q} random effects < n = {n} observations", q)
 
 
+def equations_form(model) -> tuple[int | None, bool]:
+    """The facts ``choose`` needs about a model's equations form: (q, the number of random effects when the q×q
+    equations can evaluate it, else None; whether it has the blocked form of the sparse ones)."""
+    structure = mme_structure(model)
+    q = None if structure is None else structure.q
+    return q, structure is not None and sparse_structure(model) is not None
+
+
 def select_backend(
     model: AbstractCovariance,
     *,
@@ -160,9 +168,7 @@ def select_backend(
     Returns:
         :class:`BackendChoice` (``name``, ``reason``, ``q``).
     """
-    structure = mme_structure(model)
-    q = None if structure is None else structure.q
-    blocked = structure is not None and sparse_structure(model) is not None
+    q, blocked = equations_form(model)
     spectral = batch_options is not None and spectral_terms(model) is not None
     information = as_algorithm(algorithm).information
     return choose(backend, q, model.shape[0], information, derivatives, spectral, batch_options, blocked)

@@ -11,3 +11,4 @@ class AI(AbstractAlgorithm):
     information: ClassVar[str] = "ai"
     name: ClassVar[str] = "ai"
     secant: ClassVar[bool] = True
+    approximate_curvature: ClassVar[bool] = True

@@ -71,6 +71,12 @@ class AbstractAlgorithm(eqx.Module):
 
     #: Whether the step rule makes an indefinite information definite with |λ| (Newton on the observed one).
     absolute: ClassVar[bool] = False
+    #: Whether the steps are EM-REML's (``em_direction`` from the model's ``em_plan``): always ascent, linearly
+    #: convergent, so the loop neither falls back to EM nor ends a slow crawl for them.
+    em_steps: ClassVar[bool] = False
+    #: Whether ``information`` leaves out part of ℓ's curvature (the average and the expected information), so
+    #: that a run of heavily halved steps ends the loop for a Newton continuation (``run``).
+    approximate_curvature: ClassVar[bool] = False
 
     def directions(self, theta, score, info, free):
         """λ ↦ (info + λ·diag info)⁻¹·score over the free parameters: Levenberg–Marquardt's steps

@@ -10,3 +10,4 @@ class EM(AbstractAlgorithm):
 
     information: ClassVar[str] = "none"
     name: ClassVar[str] = "em"
+    em_steps: ClassVar[bool] = True

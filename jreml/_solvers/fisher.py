@@ -11,3 +11,4 @@ class Fisher(AbstractAlgorithm):
     information: ClassVar[str] = "fisher"
     name: ClassVar[str] = "fisher"
     secant: ClassVar[bool] = True
+    approximate_curvature: ClassVar[bool] = True

@@ -193,7 +193,7 @@ def run(
     k, p = theta0.shape[0], X.shape[1]
     dtype = theta0.dtype
     tol_score, tol_delta, tol_loglik = tolerances[0], tolerances[1], tolerances[2]
-    use_em_fallback = em_plan is not None and algorithm.name != "em"
+    use_em_fallback = em_plan is not None and not algorithm.em_steps
     last_try = max_halvings + (1 if use_em_fallback else 0)
 
     theta0 = jnp.clip(theta0, lb, ub)
@@ -211,7 +211,7 @@ def run(
         if algorithm.secant:
             information = _augmented(information, secant, use_secant, free)
         no = jnp.zeros_like(free)
-        if algorithm.name == "em":
+        if algorithm.em_steps:
             direction, hold, arc = em_direction(theta, ev.score, free, em_plan), no, no
             capped = log_scale
         else:
@@ -332,8 +332,8 @@ def run(
         # Not for EM, whose slow linear convergence is its nature, not a sign of a bad model of ℓ.
         window_start = history.loglik[jnp.maximum(i - CRAWL_WINDOW, 0)]
         crawling = (i >= CRAWL_WINDOW) & (new_ev.loglik - window_start < jnp.maximum(tol_loglik, 8.0 * noise))
-        crawling = crawling & (algorithm.name != "em")
-        if algorithm.information in ("ai", "fisher") and max_iter > CRAWL_WINDOW:
+        crawling = crawling & (not algorithm.em_steps)
+        if algorithm.approximate_curvature and max_iter > CRAWL_WINDOW:
             # Or the information is a poor model of ℓ's curvature: every step of the window (and this one) was halved
             # HALVED_STEP times or more (singular_slopes3 y34: 2⁻⁸–2⁻¹⁵ for 120 AI iterations). Newton, which has
             # that curvature, continues (``newton_fallback``).
