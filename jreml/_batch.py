@@ -18,9 +18,10 @@ from ._backends.spectral import SpectralDesign, decompose, fit_padded, fit_rotat
 from ._covariance.observed import ObservedRows
 from ._covariance.queries import kernel_variance_index
 from ._design.build import build_design
-from ._estimate import estimate, refine_batch
+from ._estimate import estimate
 from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
+from ._solvers.second_tries import refine_batch
 
 __all__ = ["BatchFit", "fit_batch"]
 

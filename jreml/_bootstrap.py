@@ -13,9 +13,10 @@ import pandas as pd
 
 from ._backends.spectral import decompose, fit_rotated, rotate, spectral_form
 from ._batch import DENSE_CPU_CHUNK, MAX_AUTO_CHUNK, batch_form, runs_dense, takes_spectral_path
-from ._estimate import BATCH_FIELDS, estimate, refine_batch
+from ._estimate import estimate
 from ._result import register_refitting, simulate
 from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
+from ._solvers.second_tries import BATCH_FIELDS, refine_batch
 
 __all__ = ["BootstrapResult", "bootstrap", "simulate"]
 

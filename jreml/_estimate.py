@@ -15,64 +15,28 @@ from jaxtyping import Array, Float
 
 from ._backends.configure import backend_for, host_configuration
 from ._backends.select import choose, equations_form
-from ._config import as_float_array, float_dtype
-from ._covariance.observed import observation_count, observed_data
+from ._config import as_float_array
+from ._covariance.observed import observed_data
 from ._covariance.queries import as_covariance, observed_mask
 from ._likelihood import DERIVATIVES, check_method
+from ._problem import as_input, check_data, is_traced, ols_residual_variance, stop_gradient
 from ._result import FitResult
 from ._solvers import as_algorithm
 from ._solvers.base import free_mask, pseudo_inverse
 from ._solvers.defaults import BOUNDARY_RELATIVE_VARIANCE, DEFAULTS, SINGULAR_RELATIVE_VARIANCE
-from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STALLED, STATUS_MESSAGES, run
+from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STATUS_MESSAGES, run
+from ._solvers.second_tries import (
+    NEWTON_CONTINUES,
+    NEWTON_FALLBACK,
+    keep_newton,
+    keep_restart,
+    needs_restart,
+    reflected_theta,
+    restart_theta,
+)
 
 # Incremented each time the fitting program is traced (tests check that vmap and refits compile once).
 TRACE_COUNT = [0]
-
-
-def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _check_data(y, X, n_model: int, model=None):
-    """Shapes, finiteness and the rank of X, on the rows the model observes (all, or an ``ObservedRows`` mask's)."""
-    if y.ndim != 1:
-        raise ValueError(f"y must be a 1-D response vector, got shape {y.shape}")
-    n = y.shape[0]
-    if X.ndim != 2 or X.shape[0] != n:
-        raise ValueError(f"X must be a 2-D design matrix with {n} rows (len(y)), got shape {X.shape}")
-    if n_model != n:
-        raise ValueError(f"the covariance model is {n_model}x{n_model} but y has {n} observations")
-    observed = None if model is None else observed_mask(model)
-    if observed is not None:
-        if _is_traced(observed):  # which rows count is known only inside the program
-            return
-        observed = np.asarray(observed)
-    n_obs = n if observed is None else int(observed.sum())
-    if X.shape[1] >= n_obs:
-        raise ValueError(f"X has {X.shape[1]} columns for {n_obs} observations: REML needs n > p")
-    if not _is_traced(y):
-        bad = ~np.isfinite(np.asarray(y))
-        bad = np.flatnonzero(bad if observed is None else bad & observed)
-        if bad.size:
-            raise ValueError(f"y has non-finite values (NaN/inf) at rows {bad[:10].tolist()}")
-    if not _is_traced(X):
-        Xn = np.asarray(X) if observed is None else np.where(observed[:, None], np.asarray(X), 0.0)
-        rows, cols = np.nonzero(~np.isfinite(Xn))
-        if rows.size:
-            where = list(zip(rows[:10].tolist(), cols[:10].tolist(), strict=True))
-            raise ValueError(f"X has non-finite values at (row, column) {where}")
-        rank = np.linalg.matrix_rank(Xn)
-        if rank < Xn.shape[1]:
-            raise ValueError(f"X is rank deficient (rank {rank} < {Xn.shape[1]} columns); drop aliased columns first")
-
-
-def _ols_residual_variance(y, X, model):
-    """Σr²/(n − p) of the OLS fit, over the rows the model observes (all but an ``ObservedRows`` model's others)."""
-    y, X = observed_data(model, y, X)
-    beta, *_ = jnp.linalg.lstsq(X, y)
-    resid = y - X @ beta
-    s2 = resid @ resid / (observation_count(model, X.shape[0]) - X.shape[1])
-    return jnp.where(s2 > 0, s2, 1.0)
 
 
 def _fit(
@@ -104,8 +68,8 @@ def _fit(
     dtype = y.dtype
     y, X = observed_data(model, y, X)  # rows an ObservedRows model leaves out become 0
     # The loop runs on values only; derivatives of θ̂ come from the implicit function theorem below.
-    model_values, y_values, X_values = _stop_gradient((model, y, X))
-    scale = _ols_residual_variance(y_values, X_values, model)
+    model_values, y_values, X_values = stop_gradient((model, y, X))
+    scale = ols_residual_variance(y_values, X_values, model)
     scale_mask = jnp.asarray(model.scale_mask, dtype=bool)
     if theta0 is None:
         theta0 = model.default_theta(scale)
@@ -138,7 +102,7 @@ def _fit(
         reml=reml,
         algorithm=algorithm,
         backend=engine,
-        state=_stop_gradient(state),
+        state=stop_gradient(state),
         max_iter=max_iter,
         max_halvings=max_halvings,
         checks=checks,
@@ -182,11 +146,6 @@ def _fit(
         algorithm=algorithm.name,
         param_names=model.param_names,
     )
-
-
-def _stop_gradient(tree):
-    dynamic, static = eqx.partition(tree, eqx.is_array)
-    return eqx.combine(jax.lax.stop_gradient(dynamic), static)
 
 
 _fit_jit = eqx.filter_jit(_fit)
@@ -283,7 +242,7 @@ class _Jitted:
         return arrays
 
     def __call__(self, dynamic, *args):
-        nested = any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves((dynamic, args)))
+        nested = any(is_traced(leaf) for leaf in jax.tree_util.tree_leaves((dynamic, args)))
         arrays = (self.fn if nested or self.fn_top is None else self.fn_top)(dynamic, *args)
         treedef, static, n = self.out
         return treedef.unflatten(self._merge(arrays, static, n))
@@ -318,151 +277,6 @@ def _model_info(model, split):
         info = (tuple(model.shape), model.num_free_params, model.em_plan(), equations_form(model))
         info = _remember(_MODEL_INFO, key, info)
     return info
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Second tries after a fit (``newton_fallback``, ``restart_edge``): decided in numpy on the first fit's results,
-# for one fit (``estimate``) or a batch of them (``refine_batch``, used by ``fit_batch`` and ``bootstrap``).
-# ---------------------------------------------------------------------------------------------------------------
-
-#: Algorithms whose information leaves out curvature that Newton–Raphson's observed information has.
-NEWTON_FALLBACK = ("ai", "fisher")
-#: Their ends that Newton–Raphson continues: a stall, or a slow crawl that used up ``max_iter`` (linear convergence
-#: along a ridge of ℓ, which the missing curvature also causes).
-NEWTON_CONTINUES = (STALLED, MAX_ITER)
-#: A log-Cholesky G is reset to this fraction of the OLS residual variance (times I) for the restart.
-RESTART_VARIANCE = 0.1
-
-
-def _rounding(loglik):
-    loglik = np.asarray(loglik, dtype=float)
-    return 8 * np.finfo(loglik.dtype).eps * (1 + np.abs(loglik))
-
-
-def keep_newton(loglik, newton_loglik):
-    """Whether the Newton continuation is kept: its ℓ is not lower than the first fit's (within rounding)."""
-    return np.asarray(newton_loglik) >= np.asarray(loglik) - _rounding(loglik)
-
-
-def needs_restart(model, algorithm_name: str, status, at_boundary):
-    """Fits to start again (``restart_edge``): the model has a log-Cholesky G and the fit ended with a zero diagonal
-    of L or without converging (not for an invalid start, nor for EM). Batched: a mask over the leading axis."""
-    blocks = model.cholesky_blocks
-    status = np.asarray(status)
-    if not blocks or algorithm_name == "em":
-        return np.zeros(status.shape, bool)
-    diagonals = [start + i * (i + 1) // 2 + i for start, m in blocks for i in range(m)]
-    at_edge = np.any(np.asarray(at_boundary)[..., diagonals], axis=-1)
-    return (at_edge | (status != CONVERGED)) & (status != INVALID_START)
-
-
-def restart_theta(model, theta, Y, X, observed=None):
-    """θ with every log-Cholesky block of the model reset to G = 0.1·σ²_OLS·I (σ²_OLS of each response in Y
-    (T, n), on its ``observed`` rows (T, n) where given): (T, k), in θ's dtype."""
-    theta = np.array(theta, copy=True).reshape(len(Y), -1)
-    Y, X = np.asarray(Y, dtype=float), np.asarray(X, dtype=float)
-    if observed is None:
-        coef, *_ = np.linalg.lstsq(X, Y.T, rcond=None)
-        resid = Y.T - X @ coef
-        scale = np.sum(resid**2, axis=0) / (X.shape[0] - X.shape[1])
-    else:
-        scale = np.empty(len(Y))
-        for t, rows in enumerate(np.asarray(observed, bool)):
-            coef, *_ = np.linalg.lstsq(X[rows], Y[t, rows], rcond=None)
-            resid = Y[t, rows] - X[rows] @ coef
-            scale[t] = resid @ resid / (rows.sum() - X.shape[1])
-    log_sd = 0.5 * np.log(RESTART_VARIANCE * np.where(scale > 0, scale, 1.0))
-    for start, m in model.cholesky_blocks:
-        rows, cols = np.tril_indices(m)
-        theta[:, start : start + rows.size] = np.where(rows == cols, log_sd[:, None], 0.0)
-    return theta
-
-
-def reflected_theta(model, theta, at_boundary):
-    """θ (T, k) with the entries below the diagonal negated in every log-Cholesky column whose diagonal is at its
-    bound, and which rows that changed. G = Σ_j c_j c_jᵀ does not change when a column with a zero diagonal changes
-    sign, but the first-order effect of raising that diagonal does: a correlation of the wrong sign at a zero
-    variance, which a log-scale step cannot cross, becomes one of the right sign."""
-    theta = np.array(theta, copy=True)
-    at_boundary = np.asarray(at_boundary)
-    changed = np.zeros(theta.shape[0], bool)
-    for start, m in model.cholesky_blocks:
-        for j in range(m - 1):
-            below = [start + i * (i + 1) // 2 + j for i in range(j + 1, m)]
-            flip = at_boundary[:, start + j * (j + 1) // 2 + j] & np.any(theta[:, below] != 0, axis=1)
-            theta[:, below] = np.where(flip[:, None], -theta[:, below], theta[:, below])
-            changed |= flip
-    return theta, changed
-
-
-def keep_restart(loglik, status, other_loglik, other_status):
-    """Whether the restarted fit is kept: it converged, and to a higher ℓ, or to the same ℓ (within rounding) where
-    the first fit had not converged."""
-    loglik, other_loglik = np.asarray(loglik), np.asarray(other_loglik)
-    gain, rounding = other_loglik - loglik, _rounding(loglik)
-    converged = np.asarray(other_status) == CONVERGED
-    return converged & ((gain > rounding) | ((np.asarray(status) != CONVERGED) & (gain > -rounding)))
-
-
-#: Fields ``refine_batch`` reads and merges.
-BATCH_FIELDS = ("theta", "natural_params", "beta", "loglik", "converged", "n_iter", "status", "at_boundary")
-
-
-def refine_batch(
-    run, results: dict, model, algorithm_name: str, Y, X, *, observed=None, newton_fallback=True, restart_edge=True
-):
-    """The second tries of ``estimate`` for a batch of fits of one model: ``results`` maps field names (at least
-    ``BATCH_FIELDS``) to arrays with a leading response axis (T, ...); ``run(index, theta0, algorithm)`` refits the
-    responses ``index`` from ``theta0`` (len(index), k) and returns such a dict for them; ``observed`` (T, n) marks
-    each response's observed rows when the fits were of ``ObservedRows(model, ·)``. Returns the merged dict: each
-    response's fit is the one ``estimate`` would keep on its own."""
-    results = {key: np.array(value, copy=True) for key, value in results.items()}
-
-    def continue_with_newton(fits: dict, index):
-        """Newton continuations of the fits in ``fits`` (those of responses ``index``) that stalled or ran out of
-        iterations, merged in place where kept, their iterations added to the first fit's (as ``estimate`` does)."""
-        if not (newton_fallback and algorithm_name in NEWTON_FALLBACK):
-            return
-        stalled = np.flatnonzero(np.isin(np.asarray(fits["status"]), NEWTON_CONTINUES))
-        if not stalled.size:
-            return
-        newton = run(index[stalled], fits["theta"][stalled], "newton")
-        keep = keep_newton(fits["loglik"][stalled], newton["loglik"])
-        first_iter = fits["n_iter"][stalled[keep]].copy()
-        for key, value in newton.items():
-            if key in fits:
-                fits[key][stalled[keep]] = np.asarray(value)[keep]
-        fits["n_iter"][stalled[keep]] += first_iter
-
-    continue_with_newton(results, np.arange(len(results["status"])))
-
-    def restart(index, theta0):
-        other = {key: np.array(value, copy=True) for key, value in run(index, theta0, algorithm_name).items()}
-        continue_with_newton(other, index)
-        keep = keep_restart(results["loglik"][index], results["status"][index], other["loglik"], other["status"])
-        for key, value in other.items():
-            if key in results:
-                results[key][index[keep]] = value[keep]
-
-    if restart_edge:
-        index = np.flatnonzero(needs_restart(model, algorithm_name, results["status"], results["at_boundary"]))
-        if index.size:
-            rows = None if observed is None else np.asarray(observed)[index]
-            restart(index, restart_theta(model, results["theta"][index], np.asarray(Y)[index], X, rows))
-            reflected, changed = reflected_theta(model, results["theta"][index], results["at_boundary"][index])
-            if changed.any():
-                restart(index[changed], reflected[changed])
-    return results
-
-
-def _as_input(x, name: str):
-    """Like ``as_float_array`` without a copy or dispatch where ``x`` already has jreml's float dtype."""
-    dtype = float_dtype()
-    if isinstance(x, jax.Array):  # includes tracers
-        return x if x.dtype == dtype else as_float_array(x, name)
-    if isinstance(x, np.ndarray) and x.dtype.kind in "biuf":
-        return x if x.dtype == dtype else x.astype(dtype)
-    return as_float_array(x, name)
 
 
 def estimate(
@@ -544,22 +358,22 @@ def estimate(
     algo = as_algorithm(algorithm)
     if derivatives not in DERIVATIVES:
         raise ValueError(f"derivatives must be one of {DERIVATIVES}, got {derivatives!r}")
-    y = _as_input(y, "y")
+    y = as_input(y, "y")
     if X is None:
         X = np.ones((y.shape[0], 1), y.dtype)
-    X = _as_input(X, "X")
+    X = as_input(X, "X")
     model = as_covariance(v_builder, theta0, y.shape[0])
     split = _split_model(model)
     model_leaves = split[2] if split is not None else jax.tree_util.tree_leaves(model)
-    traced = any(_is_traced(a) for a in (y, X, theta0, lb, ub, eta, *model_leaves))
+    traced = any(is_traced(a) for a in (y, X, theta0, lb, ub, eta, *model_leaves))
     shape, k, em_plan, (mme_q, blocked) = _model_info(model, split)
     if shape[0] != shape[1]:
         raise ValueError(f"the covariance model must be square, got shape {shape}")
-    _check_data(y, X, shape[0], model)
+    check_data(y, X, shape[0], model)
     if observed_mask(model) is not None and derivatives == "analytic":
         raise ValueError('derivatives="analytic" does not apply to ObservedRows: use derivatives="auto"')
     if theta0 is not None:
-        theta0 = _as_input(theta0, "theta0")
+        theta0 = as_input(theta0, "theta0")
         if theta0.shape != (k,):
             raise ValueError(f"theta0 must have shape ({k},) for this model, got {theta0.shape}")
     bounds = []
@@ -577,7 +391,7 @@ def estimate(
     if max_iter < 0 or max_halvings < 1 or min_iter < 0:
         raise ValueError("max_iter and min_iter must be >= 0 and max_halvings >= 1")
     resolved_backend = choose(backend, mme_q, shape[0], algo.information, derivatives, blocked=blocked).name
-    model_traced = any(_is_traced(a) for a in model_leaves)
+    model_traced = any(is_traced(a) for a in model_leaves)
     mme_blocks, pattern = host_configuration(resolved_backend, model, X.shape[1], model_traced)
     options = (
         ("reml", reml),
@@ -617,7 +431,7 @@ def estimate(
             result = jitted(dynamic, y, X, theta0, bounds[0], bounds[1], tolerances, eta, pattern)
         else:
             result = _fit_jit(model, y, X, theta0, bounds[0], bounds[1], tolerances, eta, pattern, **dict(options))
-        status = None if _is_traced(result.status) else int(result.status)
+        status = None if is_traced(result.status) else int(result.status)
     except JaxRuntimeError as err:
         if jitted is not None and STATUS_MESSAGES[INVALID_START] in str(err):
             raise RuntimeError(f"jreml.estimate: {STATUS_MESSAGES[INVALID_START]}") from None

@@ -28,9 +28,10 @@ from jaxtyping import Array, Float, Int
 
 from ._config import as_float_array
 from ._covariance.queries import as_covariance
-from ._estimate import _check_data, _ols_residual_variance, _stop_gradient, estimate
+from ._estimate import estimate
 from ._likelihood import check_method
 from ._optax_fit import _minimize_jit, default_optimizer
+from ._problem import check_data, ols_residual_variance, stop_gradient
 from ._profiled import _profiled
 from ._result import FitResult
 
@@ -100,16 +101,16 @@ def hybrid_estimate(
     y = as_float_array(y, "y")
     X = jnp.ones((y.shape[0], 1), y.dtype) if X is None else as_float_array(X, "X")
     model = as_covariance(v_builder, theta0, y.shape[0])
-    _check_data(y, X, model.shape[0], model)
+    check_data(y, X, model.shape[0], model)
     k = model.num_free_params
     if theta0 is None:
-        theta0 = model.default_theta(_ols_residual_variance(jax.lax.stop_gradient(y), jax.lax.stop_gradient(X), model))
+        theta0 = model.default_theta(ols_residual_variance(jax.lax.stop_gradient(y), jax.lax.stop_gradient(X), model))
     theta0 = jax.lax.stop_gradient(as_float_array(theta0, "theta0").astype(y.dtype))
     if theta0.shape != (k,):
         raise ValueError(f"theta0 must have shape ({k},) for this model, got {theta0.shape}")
 
     # Phase 1 only picks a starting point: no gradient flows through it (θ̂ is differentiated implicitly).
-    model_v, y_v, X_v = _stop_gradient((model, y, X))
+    model_v, y_v, X_v = stop_gradient((model, y, X))
     objective = _objective(model_v, y_v, X_v, reml)
     phi0 = objective.to_phi(theta0)
     optimizer = default_optimizer() if optimizer is None else optimizer

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 
 from ._config import as_float_array
 from ._covariance.queries import as_covariance
-from ._estimate import _check_data, _ols_residual_variance, estimate
+from ._estimate import estimate
 from ._likelihood import check_method
+from ._problem import check_data, ols_residual_variance
 from ._profiled import ProfiledObjective, _profiled
 from ._result import FitResult
 from ._solvers.results import RESULTS
@@ -147,10 +148,10 @@ def fit_optax(
     y = as_float_array(y, "y")
     X = jnp.ones((y.shape[0], 1), y.dtype) if X is None else as_float_array(X, "X")
     model = as_covariance(v_builder, theta0, y.shape[0])
-    _check_data(y, X, model.shape[0], model)
+    check_data(y, X, model.shape[0], model)
     k = model.num_free_params
     if theta0 is None:
-        theta0 = model.default_theta(_ols_residual_variance(y, X, model))
+        theta0 = model.default_theta(ols_residual_variance(y, X, model))
     theta0 = as_float_array(theta0, "theta0").astype(y.dtype)
     if theta0.shape != (k,):
         raise ValueError(f"theta0 must have shape ({k},) for this model, got {theta0.shape}")

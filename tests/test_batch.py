@@ -399,8 +399,8 @@ def test_refine_batch_continues_fits_that_stall_or_run_out_of_iterations():
     """``refine_batch`` gives Newton continuations to the responses whose AI fit stalled or reached max_iter (in the
     60 three-by-three responses of ``singular_slopes3``, one vmapped AI fit crawled along a ridge of ℓ to max_iter
     and ended 9.7e-4 below lme4 before this), and keeps a continuation only where its ℓ is not lower."""
-    from jreml._estimate import refine_batch
     from jreml._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STALLED
+    from jreml._solvers.second_tries import refine_batch
 
     model = jreml.example("dyestuff").model  # no log-Cholesky block: no restarts
     status = np.array([CONVERGED, STALLED, MAX_ITER, INVALID_START, MAX_ITER])
