@@ -34,7 +34,7 @@ from ._config import as_float_array
 from ._covariance.base import AbstractCovariance
 from ._covariance.queries import is_covariance
 from ._entry import estimate
-from ._result import _random_effects
+from ._result.random_effects import random_effects as _random_effects
 
 SELECT = ("last", "best")
 

@@ -1,13 +1,12 @@
-"""FitResult: an immutable pytree with estimates, standard errors, BLUE/BLUP, predictions and history."""
+"""FitResult: an immutable pytree with estimates, standard errors, BLUE/BLUP, predictions and history (formula
+metadata and prediction on new data in ``formula_info.py``, random effects in ``random_effects.py``, the text in
+``tables.py``)."""
 
 from __future__ import annotations
 
-import itertools
 import math
-import re
 import warnings
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -16,172 +15,17 @@ import numpy as np
 import pandas as pd
 from jaxtyping import Array, Bool, Float, Int
 
-from ._backends.dense.likelihood import core, trace_weight
-from ._backends.sparse import conditional_variances, sparse_structure
-from ._covariance.base import AbstractCovariance
-from ._covariance.queries import kernel_variance_index, observed_mask
-from ._inference import anova_table, check_ddf, coef_table
-from ._inference.ddf import Pieces
-from ._solvers.loop import History
-from ._solvers.results import status_message
-
-
-@dataclass(frozen=True)
-class RandomTermInfo:
-    """What the formula layer knows about one random term, for ``varcorr``, ``ranef`` and ``predict(newdata)``.
-
-    ``name`` is the term's (lme4) name (``"Subject"``, ``"Subject.1"`` for a second term on the same factor),
-    ``factors`` the grouping columns, ``labels`` the term's columns (``("(Intercept)", "Days")``), ``levels``
-    the factor's levels in the fit (the order of û), ``spec`` formulaic's model spec of the term's expression
-    (``None`` for an intercept-only term) and ``columns`` which of its columns the term uses (``(x || g)``).
-    """
-
-    name: str
-    factors: tuple[str, ...]
-    labels: tuple[str, ...]
-    levels: tuple[str, ...]
-    spec: Any = None
-    columns: tuple[int, ...] | None = None
-
-    @property
-    def group(self) -> str:
-        return ":".join(self.factors)
-
-
-@dataclass(frozen=True, eq=False)
-class FormulaInfo:
-    """The formula layer's metadata of a :func:`jreml.fit` result (fixed-part model spec, random terms).
-
-    Stored as a static field of :class:`FitResult`, which must be hashable; formulaic's ``ModelSpec`` is not, so
-    this class compares and hashes by identity (``eq=False``). A jitted function that takes a formula fit
-    therefore recompiles for each new fit; ``estimate`` results (``formula_info=None``) are unaffected.
-    """
-
-    text: str
-    fixed_spec: Any
-    fixed_columns: tuple[int, ...]
-    terms: tuple[RandomTermInfo, ...]
-
-
-def _level_names(column) -> list[str]:
-    """Each value of a factor column as ``DummyMatrix`` names its level (ints as ints, floats as floats)."""
-    values = pd.Series(column).to_numpy(dtype=object).tolist()
-    if values and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values):
-        return [str(int(v)) for v in values]
-    if values and all(isinstance(v, float | np.floating) for v in values):
-        return [str(float(v)) for v in values]
-    return [str(v) for v in values]
-
-
-def _level_candidates(column) -> list[tuple[str, ...]]:
-    """The names a value of a ``newdata`` factor column may have among the fit's levels, matched by value: the
-    fit names ints as ints and floats as floats (``_level_names``), so 308 and 308.0 name the same level whichever
-    dtype each frame has (a NaN in an int column makes it float); a missing value has none (its row falls back to
-    the fixed effects)."""
-    out = []
-    for v in pd.Series(column).to_numpy(dtype=object).tolist():
-        if v is None or (isinstance(v, float | np.floating) and np.isnan(v)) or v is pd.NA:
-            out.append(())
-        elif isinstance(v, int | np.integer) and not isinstance(v, bool):
-            out.append((str(int(v)), str(float(v))))
-        elif isinstance(v, float | np.floating):
-            out.append((str(int(v)), str(float(v))) if float(v).is_integer() else (str(float(v)),))
-        else:
-            out.append((str(v),))
-    return out
-
-
-def _find_level(position: dict[str, int], parts: tuple[tuple[str, ...], ...]) -> int:
-    """The fit's level index of one row's factor values (their candidate names joined by ":"), or −1."""
-    for combination in itertools.product(*parts):
-        index = position.get(":".join(combination))
-        if index is not None:
-            return index
-    return -1
-
-
-def _abbreviate(name: str, minlength: int = 6) -> str:
-    """R's ``abbreviate``, simplified: drop lower-case vowels, then lower-case letters, from the right.
-
-    formulaic's treatment columns are first written as lme4 does (``Machine[T.B]`` → ``MachineB`` → ``MachnB``).
-    """
-    match = re.match(r"^(.+)\[T\.(.+)\]$", name)
-    chars = list(match.group(1) + match.group(2) if match else name)
-    for pattern in ("aeiou", "abcdefghijklmnopqrstuvwxyz"):
-        i = len(chars) - 1
-        while len(chars) > minlength and i > 0:
-            if chars[i] in pattern and chars[i - 1] not in " ":
-                del chars[i]
-            i -= 1
-    return "".join(chars[:minlength]) if len(chars) > minlength else "".join(chars)
-
-
-def _column(values, digits: int = 4) -> list[str]:
-    """Format a column as R does: one number of decimals for all, enough for ``digits`` significant digits."""
-    finite = [abs(v) for v in values if np.isfinite(v) and v != 0]
-    if not finite:
-        return [f"{v:.{digits}g}" for v in values]
-    magnitude = math.floor(math.log10(min(max(finite), 1e300)))
-    smallest = math.floor(math.log10(min(finite)))
-    decimals = max(0, digits - 1 - min(magnitude, max(smallest, magnitude - digits)))
-    decimals = min(decimals, 8)
-    return [f"{v:.{decimals}f}" if np.isfinite(v) else str(v) for v in values]
-
-
-def _table(header: list[str], rows: list[list[str]], left: int = 1) -> list[str]:
-    """A text table: the first ``left`` columns left-aligned, the others right-aligned."""
-    widths = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-    out = []
-    for r in [header, *rows]:
-        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
-        out.append(" ".join(cells).rstrip())
-    return out
-
-
-def _json_float(value) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-@eqx.filter_jit
-def _random_effects(model, theta, p_y, X, beta, y):
-    """BLUPs û = G Zᵀ P y of every Z·G·Zᵀ term, the conditional fitted values Xβ̂ + Σ_terms Z û (n,) and the
-    conditional residuals y − fitted (n,)."""
-    blups, fitted = {}, X @ beta
-    for term in model.random_terms():
-        theta_g = theta[term.offset : term.offset + term.G.num_free_params]
-        theta_z = theta[term.offset - term.Z.num_free_params : term.offset]
-        u = term.G(theta_g) @ term.Z.transpose_times(theta_z, p_y)
-        blups[term.name] = u
-        fitted = fitted + term.Z.times(theta_z, u)
-    return blups, fitted, y - fitted
-
-
-_blocked_conditional_variances = eqx.filter_jit(conditional_variances)
-
-
-@eqx.filter_jit
-def _leading_blocks(model, theta, sizes: tuple[tuple[str, int], ...]):
-    """Per named term, the m×m covariance of one group's random effects (the leading block of G(θ))."""
-    by_name = {t.name: t for t in model.random_terms()}
-    out = {}
-    for name, m in sizes:
-        term = by_name[name]
-        theta_g = theta[term.offset : term.offset + term.G.num_free_params]
-        if m == 1:
-            out[name] = term.G.build_params(theta_g)[:1].reshape(1, 1)
-        else:
-            out[name] = term.G(theta_g)[:m, :m]
-    return out
-
-
-def simulate(fit, nsim: int, seed: int = 0) -> Float[Array, "nsim n"]:
-    """(nsim, n) responses y* = Xβ̂ + L·z, L = chol(V(θ̂)), z ~ N(0, I) from ``jax.random.key(seed)``."""
-    V = fit.model(fit.theta)
-    L = jnp.linalg.cholesky(V)
-    z = jax.random.normal(jax.random.key(seed), (int(nsim), V.shape[0]), dtype=V.dtype)
-    return (fit.X @ fit.beta)[None, :] + z @ L.T
-
+from .._backends.dense.likelihood import core, trace_weight
+from .._backends.sparse import sparse_structure
+from .._covariance.base import AbstractCovariance
+from .._covariance.queries import kernel_variance_index, observed_mask
+from .._inference import anova_table, check_ddf, coef_table
+from .._inference.ddf import Pieces
+from .._solvers.loop import History
+from .._solvers.results import status_message
+from .formula_info import FormulaInfo, fixed_only, new_matrix, new_random_part
+from .random_effects import blocked_conditional_variances, leading_blocks, random_effects, simulate
+from .tables import json_float, summary
 
 #: What refits a result (``FitResult.bootstrap`` / ``refit``): the batch engine, which sits above this layer because
 #: it fits through ``estimate``, which builds ``FitResult``s. ``_bootstrap`` registers its functions here when it is
@@ -297,7 +141,7 @@ class FitResult(eqx.Module):
     # --- BLUE / BLUP / predictions -------------------------------------------------------------------
     def _random_effects(self):
         """({term name: û}, Xβ̂ + Σ Z û, y − Xβ̂ − Σ Z û) in one compiled call (op by op, it compiled ~25)."""
-        return _random_effects(self.model, self.theta, self.p_y, self.X, self.beta, self.y)
+        return random_effects(self.model, self.theta, self.p_y, self.X, self.beta, self.y)
 
     def blup(self, with_sd: bool = False, prediction_error: bool = False):
         """BLUPs û = G Zᵀ P y of every Z·G·Zᵀ term, as {term name: (q,) array}.
@@ -313,7 +157,7 @@ class FitResult(eqx.Module):
         structure = sparse_structure(self.model)
         if structure is not None:
             vcov = self.vcov_beta if prediction_error else None
-            variances = _blocked_conditional_variances(self.theta, self.y, self.X, structure, vcov)
+            variances = blocked_conditional_variances(self.theta, self.y, self.X, structure, vcov)
             return {
                 term.name: (blups[term.name], jnp.sqrt(jnp.maximum(variances[term.offset], 0.0)))
                 for term in self.model.random_terms()
@@ -418,9 +262,9 @@ class FitResult(eqx.Module):
         rebuilt with the fit's fixed-effects model spec (same contrasts and levels) and each random term adds
         Z·û for the levels seen in the fit; a level not seen in the fit contributes 0.
         """
-        fixed_only = _fixed_only(re_form)
+        fixed = fixed_only(re_form)
         if newdata is None:
-            if fixed_only:
+            if fixed:
                 return self.X @ self.beta
             return self._random_effects()[1]
         info = self._info("predict(newdata=...)")
@@ -428,47 +272,15 @@ class FitResult(eqx.Module):
             raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
         if len(newdata) == 0:  # lme4 returns numeric(0)
             return jnp.zeros((0,), dtype=self.beta.dtype)
-        X = self._new_matrix(info.fixed_spec, newdata, "fixed part")[:, list(info.fixed_columns)]
+        X = new_matrix(info.fixed_spec, newdata, "fixed part")[:, list(info.fixed_columns)]
         fitted = X @ np.asarray(self.beta)
-        if fixed_only:
+        if fixed:
             return jnp.asarray(fitted)
         blups = self.blup()
         for term_info in info.terms:
             u = np.asarray(blups[term_info.name]).reshape(len(term_info.levels), len(term_info.labels))
-            fitted = fitted + self._new_random_part(term_info, u, newdata)
+            fitted = fitted + new_random_part(term_info, u, newdata)
         return jnp.asarray(fitted)
-
-    @staticmethod
-    def _new_matrix(spec, newdata: pd.DataFrame, what: str) -> np.ndarray:
-        from formulaic.errors import DataMismatchWarning
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", DataMismatchWarning)
-                mm = spec.get_model_matrix(newdata, na_action="raise")
-        except DataMismatchWarning as err:
-            raise ValueError(f"newdata: the {what} has a factor level not seen in the fit: {err}") from err
-        except Exception as err:  # formulaic raises several error types for missing columns and values
-            raise ValueError(f"newdata: cannot build the {what}: {err}") from err
-        return np.asarray(mm, dtype=float).reshape(len(newdata), -1)
-
-    def _new_random_part(self, info: RandomTermInfo, u: np.ndarray, newdata: pd.DataFrame) -> np.ndarray:
-        missing = [f for f in info.factors if f not in newdata.columns]
-        if missing:
-            raise ValueError(f"newdata has no column {missing} (grouping factor of the term {info.name!r})")
-        if info.spec is None:
-            M = np.ones((len(newdata), 1))
-        else:
-            M = self._new_matrix(info.spec, newdata, f"random term {info.name!r}")
-            if info.columns is not None:
-                M = M[:, list(info.columns)]
-        names = [_level_candidates(newdata[f]) for f in info.factors]
-        position = {level: j for j, level in enumerate(info.levels)}
-        rows = np.array([_find_level(position, parts) for parts in zip(*names, strict=True)], dtype=np.int64)
-        seen = rows >= 0
-        contribution = np.zeros(len(newdata))
-        contribution[seen] = np.sum(M[seen] * u[rows[seen]], axis=1)
-        return contribution
 
     def residuals(self):
         """Conditional residuals y − Xβ̂ − Σ Z û."""
@@ -497,7 +309,7 @@ class FitResult(eqx.Module):
         """(term info, G block m×m) per random term, in lme4's order (more levels first, stable)."""
         info = self._info("the random-effects summary")
         sizes = tuple((term_info.name, len(term_info.labels)) for term_info in info.terms)
-        blocks = _leading_blocks(self.model, self.theta, sizes)
+        blocks = leading_blocks(self.model, self.theta, sizes)
         out = [(term_info, np.asarray(blocks[term_info.name])) for term_info in info.terms]
         order = sorted(range(len(out)), key=lambda i: -len(out[i][0].levels))
         return [out[i] for i in order]
@@ -613,7 +425,7 @@ class FitResult(eqx.Module):
             "fixef": self.fixef,
             "se": self.se,
             "varcorr": [
-                {k: (_json_float(v) if isinstance(v, float) else v) for k, v in row.items()}
+                {k: (json_float(v) if isinstance(v, float) else v) for k, v in row.items()}
                 for row in self._varcorr_rows()
             ],
             "sigma2": self.sigma2,
@@ -647,7 +459,7 @@ class FitResult(eqx.Module):
         ``method``: "profile" (likelihood profile, lme4's default), "wald" (β̂ ± z·se; NaN for the variance rows,
         as lme4) or "bootstrap" (percentile intervals of ``n_boot`` parametric bootstrap refits, lme4's "boot").
         """
-        from ._inference.profile import bootstrap_confint, profile_confint, wald_confint
+        from .._inference.profile import bootstrap_confint, profile_confint, wald_confint
 
         methods = {"profile": profile_confint, "wald": wald_confint, "bootstrap": bootstrap_confint}
         key = method.lower() if isinstance(method, str) else method
@@ -663,7 +475,7 @@ class FitResult(eqx.Module):
 
     def profile(self, parm=None, n_points: int = 13) -> pd.DataFrame:
         """The likelihood profile (parameter, value, zeta), as lme4's ``as.data.frame(profile(fit))``."""
-        from ._inference.profile import profile_table
+        from .._inference.profile import profile_table
 
         self._info("profile")
         return profile_table(self, parm=parm, n_points=n_points)
@@ -696,133 +508,7 @@ class FitResult(eqx.Module):
     # --- display ----------------------------------------------------------------------------------
     def summary(self, beta_names=None, ddf=None) -> str:
         """A plain-text summary: lme4's ``summary(fit)`` layout for :func:`jreml.fit` results, else a short one."""
-        if np.ndim(self.loglik) != 0:
-            return f"FitResult batched over {np.shape(self.loglik)} fits ({self.method.upper()}, {self.algorithm})"
-        if ddf is not None:
-            ddf = check_ddf(ddf, allow_none=False)
-        if self.formula_info is not None and beta_names is None:
-            return self._lme4_summary(ddf)
-        lines = [f"Formula: {self.formula}"] if self.formula else []
-        lines += [
-            f"Linear mixed model fit by {self.method.upper()} ({self.algorithm}), "
-            f"n = {self.nobs}, {self.message} after {int(self.n_iter)} iterations"
-            + (f" ({self.n_dropped} rows with missing values dropped)" if self.n_dropped else ""),
-            f"  logLik {float(self.loglik):.4f}   AIC {float(self.aic):.4f}   BIC {float(self.bic):.4f}"
-            + ("   (singular: a variance is at its boundary)" if bool(self.singular) else ""),
-            "Covariance parameters:",
-        ]
-        width = max([len(n) for n in self.param_names] + [10])
-        se = np.sqrt(np.maximum(np.diagonal(np.asarray(self.vcov_theta)), 0.0))
-        for name, theta_se in zip(self.param_names, se, strict=True):
-            lines.append(f"  {name:<{width}} {float(self.params[name]):14.6g}   (SE of theta {theta_se:.3g})")
-        lines.append("Fixed effects:")
-        names = beta_names or self.beta_names or [f"beta[{i}]" for i in range(self.beta.shape[0])]
-        width = max([len(n) for n in names] + [10])
-        lines.append(f"  {'':<{width}} {'Estimate':>14} {'Std. Error':>12} {'t value':>9}")
-        for name, b, s in zip(names, np.asarray(self.beta), np.asarray(self.se_beta), strict=True):
-            lines.append(f"  {name:<{width}} {b:14.6g} {s:12.6g} {b / s:9.3f}")
-        return "\n".join(lines)
-
-    def _lme4_summary(self, ddf=None) -> str:
-        reml = self.method == "reml"
-        loglik = float(self.loglik)
-        lines = [
-            "Linear mixed model fit by " + ("REML" if reml else "maximum likelihood") + " ['lmerMod']",
-            f"Formula: {self.formula}",
-        ]
-        if self.n_dropped:
-            lines.append(f"  ({self.n_dropped} rows with missing values dropped)")
-        lines.append("")
-        if reml:
-            lines.append(f"REML criterion at convergence: {-2.0 * loglik:.4f}")
-        else:
-            values = [float(self.aic), float(self.bic), loglik, -2.0 * loglik]
-            cells = [f"{v:.4f}" for v in values] + [str(self.nobs - self.num_params)]
-            lines += _table(["AIC", "BIC", "logLik", "deviance", "df.resid"], [cells], left=0)
-        if not bool(self.converged):
-            lines.append(f"Warning: not converged ({self.message} after {int(self.n_iter)} iterations)")
-        if bool(self.singular):
-            lines.append("boundary (singular) fit: a variance is at its lower bound")
-        lines += ["", "Scaled residuals:"]
-        scaled = np.asarray(self.residuals()) / math.sqrt(self.sigma2)
-        quantiles = np.quantile(scaled, [0.0, 0.25, 0.5, 0.75, 1.0])
-        lines += _table(["Min", "1Q", "Median", "3Q", "Max"], [[f"{q:.4f}" for q in quantiles]], left=0)
-        lines += ["", "Random effects:"]
-        lines += self._random_effects_table()
-        groups = "; ".join(f"{g}, {n}" for g, n in self.ngroups.items())
-        lines.append(f"Number of obs: {self.nobs}, groups:  {groups}")
-        lines += ["", "Fixed effects:"] if ddf is None else ["", f"Fixed effects ({ddf} df):"]
-        if ddf is not None:
-            lines += self._ddf_fixed_block(ddf)
-        beta, se = np.asarray(self.beta, dtype=float), np.asarray(self.se_beta, dtype=float)
-        names = list(self.beta_names)
-        columns = [_column(beta.tolist()), _column(se.tolist()), [f"{t:.3f}" for t in (beta / se).tolist()]]
-        rows = [[name, *(c[i] for c in columns)] for i, name in enumerate(names)]
-        if ddf is None:
-            lines += _table(["", "Estimate", "Std. Error", "t value"], rows)
-        if len(names) > 1:
-            vcov = np.asarray(self.vcov_beta, dtype=float)
-            d = np.sqrt(np.diagonal(vcov))
-            corr = vcov / np.outer(d, d)
-            short = [_abbreviate(n) for n in names]
-            rows = [
-                [names[i]] + [f"{corr[i, j]:.3f}" if j < i else "" for j in range(len(names) - 1)]
-                for i in range(1, len(names))
-            ]
-            lines += ["", "Correlation of Fixed Effects:"]
-            lines += _table(["", *short[:-1]], rows)
-        return "\n".join(lines)
-
-    def _ddf_fixed_block(self, ddf: str) -> list[str]:
-        """lmerTest's fixed-effects block: Estimate, Std. Error, df, t value, Pr(>|t|)."""
-        table = self.coef_table(ddf)
-        columns = [
-            _column(table["estimate"].tolist()),
-            _column(table["se"].tolist()),
-            [f"{d:.3f}" for d in table["df"]],
-            [f"{t:.3f}" for t in table["t"]],
-            [f"{p:.3g}" for p in table["p"]],
-        ]
-        rows = [[name, *(c[i] for c in columns)] for i, name in enumerate(table.index)]
-        return _table(["", "Estimate", "Std. Error", "df", "t value", "Pr(>|t|)"], rows)
-
-    def _random_effects_table(self) -> list[str]:
-        blocks = self._ordered_terms()
-        any_corr = any(len(info.labels) > 1 for info, _ in blocks)
-        rows = []
-        for info, block in blocks:
-            sd = np.sqrt(np.maximum(np.diagonal(block), 0.0))
-            for i, label in enumerate(info.labels):
-                row = [info.name if i == 0 else "", label, float(block[i, i]), float(sd[i])]
-                corr = []
-                for j in range(i):
-                    denom = sd[i] * sd[j]
-                    corr.append(f"{block[i, j] / denom:.2f}" if denom > 0 else "NaN")
-                rows.append((row, corr))
-        s2 = self.sigma2
-        rows.append((["Residual", "", s2, math.sqrt(max(s2, 0.0))], []))
-        variances = _column([r[2] for r, _ in rows])
-        sds = _column([r[3] for r, _ in rows])
-        width = max([len(c) for _, c in rows] + [0])
-        header = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] + [""] * (width - 1) if any_corr else [])
-        table = []
-        for (row, corr), v, s in zip(rows, variances, sds, strict=True):
-            cells = [row[0], row[1], v, s]
-            if any_corr:
-                cells += corr + [""] * (max(width, 1) - len(corr))
-            table.append(cells)
-        return [" " + line for line in _table(header, table, left=2)]
+        return summary(self, beta_names, ddf)
 
     def __str__(self) -> str:
         return self.summary()
-
-
-def _fixed_only(re_form) -> bool:
-    """lme4's ``re.form``: None → all random terms; False / NA / ``~0`` → none."""
-    if re_form is None:
-        return False
-    if re_form is False:
-        return True
-    if isinstance(re_form, str) and re_form.replace(" ", "") in ("~0", "NA", "0"):
-        return True
-    raise ValueError(f"re_form={re_form!r}: only None (all random terms) and False / '~0' (none) are supported")
