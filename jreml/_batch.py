@@ -19,6 +19,7 @@ from ._covariance.observed import ObservedRows
 from ._covariance.queries import kernel_variance_index
 from ._design.build import build_design
 from ._estimate import estimate
+from ._result.many import ManyFits
 from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._solvers.loop import INVALID_START
 from ._solvers.second_tries import refine_batch
@@ -29,25 +30,16 @@ _ROW = "__jreml_row__"
 
 
 @dataclass
-class BatchFit:
-    """Per-response results of :func:`fit_batch`, arrays with a leading response axis (T, ...).
+class BatchFit(ManyFits):
+    """Per-response results of :func:`fit_batch`, arrays with a leading response axis (T, ...): the fields of every
+    batch of fits (``ManyFits``) and ``responses``, ``se_beta``, ``n_obs``, ``h2``/``h2_se``, ``spectral``.
 
     A response that could not be fitted (too few complete rows, ...) has NaN estimates, ``converged=False``
     and its error in ``errors``.
     """
 
     responses: list[str]
-    param_names: tuple[str, ...]
-    beta_names: tuple[str, ...]
-    theta: np.ndarray
-    params: np.ndarray
-    beta: np.ndarray
     se_beta: np.ndarray
-    loglik: np.ndarray
-    converged: np.ndarray
-    n_iter: np.ndarray
-    status: np.ndarray
-    singular: np.ndarray
     n_obs: np.ndarray
     h2: np.ndarray | None
     h2_se: np.ndarray | None

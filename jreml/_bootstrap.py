@@ -15,6 +15,7 @@ from ._backends.spectral import decompose, fit_rotated, rotate, spectral_form
 from ._batch import DENSE_CPU_CHUNK, MAX_AUTO_CHUNK, batch_form, runs_dense, takes_spectral_path
 from ._estimate import estimate
 from ._result import register_refitting, simulate
+from ._result.many import ManyFits
 from ._sharding import device_count, in_pieces, on_cpu, pad_batch, padded_size, shard_batch
 from ._solvers.second_tries import BATCH_FIELDS, refine_batch
 
@@ -22,21 +23,11 @@ __all__ = ["BootstrapResult", "bootstrap", "simulate"]
 
 
 @dataclass
-class BootstrapResult:
-    """Refits of ``n_boot`` simulated responses: arrays with a leading replicate axis."""
+class BootstrapResult(ManyFits):
+    """Refits of ``n_boot`` simulated responses: the fields of every batch of fits (``ManyFits``), arrays with a
+    leading replicate axis, and ``estimate``, the original fit's parameters by name."""
 
-    param_names: tuple[str, ...]
-    beta_names: tuple[str, ...]
-    theta: np.ndarray
-    params: np.ndarray
-    beta: np.ndarray
-    loglik: np.ndarray
-    converged: np.ndarray
-    n_iter: np.ndarray
-    estimate: dict  # the original fit's parameters, by name
-
-    def __len__(self) -> int:
-        return self.loglik.shape[0]
+    estimate: dict
 
     def to_frame(self) -> pd.DataFrame:
         """One row per replicate: variance components (by parameter name), fixed effects, loglik, converged."""
@@ -177,17 +168,31 @@ def bootstrap(fit, n_boot: int, seed: int = 0, *, chunk_size: int | str | None =
             out = fit_rotated(design, pad_batch(Ystar[start : start + size], padded), method=fit.method,
                               place=shard_batch, **options)  # fmt: skip
             m = min(size, n_boot - start)
-            res = (out.theta, out.natural_params, out.beta, out.loglik, out.converged, out.n_iter)
+            res = (out.theta, out.natural_params, out.beta, out.loglik, out.converged, out.n_iter, out.status)
+            res += (out.singular,)
             parts.append(jax.tree_util.tree_map(lambda a, m=m: np.asarray(a)[:m], res))
-        theta, params, beta, loglik, converged, n_iter = (np.concatenate(a) for a in zip(*parts, strict=True))
+        columns = [np.concatenate(a) for a in zip(*parts, strict=True)]
     else:
         res = _refit_all(model, np.asarray(Ystar), X, fit, size, opts)
-        fields = ("theta", "natural_params", "beta", "loglik", "converged", "n_iter")
-        theta, params, beta, loglik, converged, n_iter = (res[field] for field in fields)
+        fields = ("theta", "natural_params", "beta", "loglik", "converged", "n_iter", "status")
+        columns = [res[field] for field in fields] + [np.any(res["at_boundary"], axis=-1)]
+    theta, params, beta, loglik, converged, n_iter, status, singular = columns
     beta_names = fit.beta_names or tuple(f"beta{j}" for j in range(fit.X.shape[1]))
     values = dict(zip(fit.param_names, np.asarray(fit.natural_params).tolist(), strict=True))
     values.update(zip(beta_names, np.asarray(fit.beta).tolist(), strict=True))
-    return BootstrapResult(fit.param_names, tuple(beta_names), theta, params, beta, loglik, converged, n_iter, values)
+    return BootstrapResult(
+        param_names=fit.param_names,
+        beta_names=tuple(beta_names),
+        theta=theta,
+        params=params,
+        beta=beta,
+        loglik=loglik,
+        converged=converged,
+        n_iter=n_iter,
+        status=status,
+        singular=singular,
+        estimate=values,
+    )
 
 
 def refit(fit, y, **options):
