@@ -48,7 +48,8 @@ from _blas import blas_report, load_average
 from jax.scipy.linalg import cho_solve
 
 import jreml
-from jreml._likelihood import _dv_times, _score_vjp, core, derivatives_at, trace_weight
+from jreml._backends.dense import DenseBackend
+from jreml._backends.dense.likelihood import _dv_times, _score_vjp, core, derivatives_at, trace_weight
 from jreml._solvers.base import solve_information
 from jreml._solvers.loop import evaluate
 from jreml.covariance import FixedMatrix, ScalarMatrix
@@ -123,7 +124,7 @@ def timed(*calls, repeats: int) -> list[Timing]:
 
 @eqx.filter_jit
 def ai_iteration(model, theta, y, X):
-    ev = evaluate(theta, y, X, model, reml=True, information="ai", derivatives="auto", dv_builder=None)
+    ev = evaluate(theta, y, X, model, reml=True, information="ai", backend=DenseBackend(), state=None)
     return ev.loglik, theta + solve_information(ev.information, ev.score)
 
 

@@ -32,9 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import jreml
+from jreml._backends.dense import DenseBackend
 from jreml._solvers.base import solve_information
 from jreml._solvers.loop import evaluate
 from jreml.covariance import FixedMatrix, KernelMatrix, ScalarMatrix
+
+DENSE = DenseBackend()
 
 
 def make_problem(n: int, seed: int = 0):
@@ -125,11 +128,11 @@ def run(n: int, repeats: int):
         model = model_for(ll)
 
         def step(theta, _):
-            ev = evaluate(theta, yy, X, model, reml=True, information="ai", derivatives="auto", dv_builder=None)
+            ev = evaluate(theta, yy, X, model, reml=True, information="ai", backend=DENSE, state=None)
             return theta + solve_information(ev.information, ev.score), None
 
         theta, _ = jax.lax.scan(step, theta0, None, length=iterations)
-        ev = evaluate(theta, yy, X, model, reml=True, information="none", derivatives="auto", dv_builder=None)
+        ev = evaluate(theta, yy, X, model, reml=True, information="none", backend=DENSE, state=None)
         return jnp.sum(theta) + jnp.sum(ev.beta)
 
     unrolled_grad = jax.jit(jax.value_and_grad(unrolled, argnums=(0, 1)))
