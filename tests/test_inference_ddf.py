@@ -1,6 +1,8 @@
 """coef_table / anova / summary with Satterthwaite and Kenward–Roger df against lmerTest and pbkrtest.
 
-References: tests/reference/ddf.json (tests/reference/make_ddf_reference.R) and the shared inference.json.
+References: tests/reference/ddf.json (tests/reference/make_ddf_reference.R), tests/reference/kenward_roger.json
+(tests/reference/kenward_roger.R: pbkrtest's KRmodcomp per term, on sleepstudy, Machines and a simulated unbalanced
+design with a crossed factor and a random slope) and the shared inference.json.
 """
 
 import json
@@ -8,6 +10,7 @@ import math
 import pathlib
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import jreml
@@ -15,6 +18,8 @@ import jreml
 HERE = pathlib.Path(__file__).parent
 REF = json.loads((HERE / "reference" / "ddf.json").read_text())
 SHARED = pathlib.Path("/work/shared/reference/inference.json")
+KR = json.loads((HERE / "reference" / "kenward_roger.json").read_text())
+KR_NAMES = ("sleepstudy", "machines", "kr_unbalanced")
 NAMES = ("sleepstudy", "penicillin", "machines", "dyestuff")
 RTOL = 1e-3
 # Penicillin's t = 28.4 lies far in the tail, where p's relative error is about (df + 1)·Δt/t plus the df term:
@@ -28,7 +33,10 @@ def fits():
 
     def get(name):
         if name not in cache:
-            cache[name] = jreml.fit(REF[name]["formula"], jreml.datasets.load(name))
+            if name in REF:
+                cache[name] = jreml.fit(REF[name]["formula"], jreml.datasets.load(name))
+            else:
+                cache[name] = jreml.fit(KR[name]["formula"], pd.read_csv(HERE.parent / KR[name]["data"]))
         return cache[name]
 
     return get
@@ -117,3 +125,21 @@ def test_summary_with_ddf_has_lmertest_block(fits):
     assert "10.000" in text
     assert "Pr(>|t|)" not in fit.summary()
     assert str(fit) == fit.summary()
+
+
+@pytest.mark.parametrize("name", KR_NAMES)
+def test_kenward_roger_matches_pbkrtest(fits, name):
+    """Per-coefficient KR (lmerTest's ddf="Kenward-Roger") and per-term KRmodcomp F, ddf, p within 1e-3."""
+    fit, ref = fits(name), KR[name]
+    assert KR[name]["formula"] == REF.get(name, ref)["formula"]
+    np.testing.assert_allclose(float(fit.loglik), ref["loglik"], rtol=1e-8)
+    for ddf, key in (("kenward-roger", "kenward_roger"), ("satterthwaite", "satterthwaite")):
+        table = fit.coef_table(ddf=ddf)
+        rows = ref[key]
+        assert lme4_index(table) == [r["name"] for r in rows]
+        for column in ("estimate", "se", "df", "t", "p"):
+            assert_rel(table[column], [r[column] for r in rows], what=f"{name} {ddf} {column}")
+    anova = fit.anova(ddf="kenward-roger")
+    assert list(anova.index) == [r["term"] for r in ref["krmodcomp"]]
+    for column, field in (("NumDF", "ndf"), ("DenDF", "ddf"), ("F value", "f"), ("Pr(>F)", "p")):
+        assert_rel(anova[column], [r[field] for r in ref["krmodcomp"]], what=f"{name} KRmodcomp {column}")
