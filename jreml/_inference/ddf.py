@@ -66,23 +66,19 @@ def _dense_pieces(theta, y, X, model, free):
     def expand(t_free):
         return theta.at[free].set(t_free)
 
-    def phi_of(t_free):
-        V = model(expand(t_free))
-        vinv_x = jnp.linalg.solve(V, X)
-        return jnp.linalg.inv(X.T @ vinv_x)
-
     t0 = theta[free]
-    phi = phi_of(t0)
-    dphi = jnp.moveaxis(jax.jacfwd(phi_of)(t0), -1, 0)
-
     V = model(theta)
     chol = jnp.linalg.cholesky(V)
     v_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(V.shape[0], dtype=V.dtype))
     v_inv_x = v_inv @ X
+    xvx = X.T @ v_inv_x
+    phi = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(xvx), True), jnp.eye(X.shape[1], dtype=V.dtype))
     basis = jnp.eye(t0.shape[0], dtype=theta.dtype)
     dv = jax.lax.map(lambda d: jax.jvp(lambda t: model(expand(t)), (t0,), (d,))[1], basis)  # (k, n, n)
     b = jnp.einsum("kab,bp->kap", dv, v_inv_x)  # Vᵢ V⁻¹ X
     P = -jnp.einsum("ap,kaq->kpq", v_inv_x, b)
+    # ∂Φ/∂θᵢ = −Φ (∂XᵀV⁻¹X/∂θᵢ) Φ = −Φ Pᵢ Φ
+    dphi = -jnp.einsum("ab,kbc,cd->kad", phi, P, phi)
     Q = jnp.einsum("iap,ab,jbq->ijpq", b, v_inv, b)
     M = v_inv - v_inv_x @ phi @ v_inv_x.T
     mv = jnp.einsum("ab,kbc->kac", M, dv)
