@@ -4,8 +4,9 @@ Notation (one fit, REML): y (n,), X (n, p), θ (k,) the covariance parameters, V
 Φ(θ) = (Xᵀ V⁻¹ X)⁻¹ (p, p) the covariance of β̂, L (q, p) a contrast matrix.
 
 Satterthwaite (Satterthwaite 1946; lmerTest, Kuznetsova, Brockhoff & Christensen 2017), for one contrast c (p,):
-    ν = 2 (cᵀ Φ c)² / (gᵀ A g),   g = ∂(cᵀ Φ(θ) c)/∂θ (k,) by autodiff,
-    A = (−∂²ℓ_REML/∂θ∂θᵀ)⁻¹ (k, k), the inverse observed information of the same θ.
+    ν = 2 (cᵀ Φ c)² / (gᵀ A g),   gᵢ = ∂(cᵀ Φ(θ) c)/∂θᵢ = −cᵀ Φ Pᵢ Φ c (k,), Pᵢ below (Vᵢ by forward mode),
+    A = (−∂²ℓ_REML/∂θ∂θᵀ)⁻¹ (k, k), the inverse observed information of the same θ (closed form, see
+    ``_observed_information``).
 At the REML optimum ν does not depend on the parametrisation (g and A transform as a covector and a tensor).
 For q > 1 (lmerTest's ``contestMD``): LΦLᵀ = U D Uᵀ, νᵢ from the rows of UᵀL, E = Σ νᵢ/(νᵢ − 2),
 ν = 2E/(E − q) (ν = 2 when some νᵢ ≤ 2); F = (Lβ̂)ᵀ(LΦLᵀ)⁻¹(Lβ̂)/q.
@@ -93,8 +94,9 @@ def _observed_information(t0, y, expand, model, M, dv, expected):
 
         I_obs,ᵢⱼ = ½ tr(P Vᵢⱼ) − ½ tr(P Vᵢ P Vⱼ) + (Py)ᵀ Vᵢ P Vⱼ (Py) − ½ (Py)ᵀ Vᵢⱼ (Py).
 
-    Equal to the autodiff Hessian of ``reml_loglik`` (tests/test_inference_ddf.py) at a fraction of the cost of
-    differentiating its Cholesky factorisation twice; Vᵢⱼ by forward-over-forward mode of θ ↦ V(θ).
+    Equal to the autodiff Hessian of ``reml_loglik`` (to 7e-15 relative on sleepstudy; ``fit.diagnose()`` gives
+    the latter) at a fraction of the cost of differentiating its Cholesky factorisation twice; Vᵢⱼ by
+    forward-over-forward mode of θ ↦ V(θ).
     """
     d2v = jax.jacfwd(jax.jacfwd(lambda t: model(expand(t))))(t0)  # (n, n, k, k)
     py = M @ y
