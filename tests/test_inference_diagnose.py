@@ -96,3 +96,24 @@ def test_stopped_early_is_not_certified():
     assert not d.certified and not d.fit_converged
     assert d.newton_gain > 1e-6
     assert any("not converged" in line or "not a maximum" in line for line in d.advice)
+
+
+def test_satterthwaite_df_from_the_exact_hessian(sleepstudy):
+    """Brute force: ν = 2 (cᵀΦc)² / (gᵀ(−H)⁻¹g) with H from diagnose (autodiff) and g by central differences of
+    Φ(θ) = (XᵀV(θ)⁻¹X)⁻¹ built densely in numpy, against coef_table's closed-form Satterthwaite df."""
+    fit = sleepstudy
+    d = fit.diagnose()
+    theta = np.asarray(fit.theta, float)
+    X = np.asarray(fit.X)
+
+    def phi(t):
+        V = np.asarray(fit.model(t))
+        return np.linalg.inv(X.T @ np.linalg.solve(V, X))
+
+    dphi = central_differences(phi, theta, 1e-6)  # (k, p, p)
+    acov = np.linalg.inv(-d.hessian)
+    want = []
+    for j in range(X.shape[1]):
+        g = dphi[:, j, j]
+        want.append(2 * phi(theta)[j, j] ** 2 / (g @ acov @ g))
+    np.testing.assert_allclose(fit.coef_table("satterthwaite")["df"], want, rtol=1e-6)
