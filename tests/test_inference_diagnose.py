@@ -117,3 +117,17 @@ def test_satterthwaite_df_from_the_exact_hessian(sleepstudy):
         g = dphi[:, j, j]
         want.append(2 * phi(theta)[j, j] ** 2 / (g @ acov @ g))
     np.testing.assert_allclose(fit.coef_table("satterthwaite")["df"], want, rtol=1e-6)
+
+
+def test_confounded_terms_show_a_flat_direction():
+    """(1 | Batch) + (1 | Batch2) with Batch2 a copy of Batch: only the sum of the two variances is identified;
+    the scaled Hessian has one eigenvalue ≈ 0 along their difference."""
+    data = jreml.datasets.load("dyestuff")
+    data["Batch2"] = data["Batch"]
+    d = jreml.fit("Yield ~ 1 + (1 | Batch) + (1 | Batch2)", data).diagnose()
+    assert len(d.flat_directions) == 1
+    eigenvalue, direction = d.flat_directions[0]
+    assert eigenvalue < 1e-8 and d.condition > 1e8
+    assert direction["Batch.variance"] == pytest.approx(-direction["Batch2.variance"], rel=1e-3)
+    assert abs(direction["Residual.variance"]) < 1e-3
+    assert any("nearly flat along" in line and "Batch2.variance" in line for line in d.advice)
