@@ -24,8 +24,13 @@ in first derivatives and W, hence the same in jreml's θ. For L (q, p), Θ = L�
     F = λ (Lβ̂)ᵀ(LΦ_ALᵀ)⁻¹(Lβ̂)/q with λ = m(1 − A₂/q)/(m − 2), on (q, m) degrees of freedom.
 The Kenward–Roger pieces are dense n×n (V, V⁻¹, the k matrices Vᵢ): meant for n up to a few thousand.
 
-Parameters at a boundary (``at_boundary``) are held fixed: they are left out of θ for both methods, as a
-variance at zero carries no sampling variability to first order (a warning says so).
+Parameters at a boundary (``at_boundary``), with a warning: Satterthwaite holds them fixed (they are left out of
+θ; lmerTest's df on singular fits agree to 1e-4). Kenward–Roger keeps them, as pbkrtest does: away from a boundary
+the terms above are tensors and the same in θ and in pbkrtest's natural parameters ψ (variances, covariances, σ²;
+V = Σ ψᵢ Gᵢ), but at a boundary ∂ψ/∂θ is singular (a log-scale variance), so P, Q and I_E are computed in ψ
+(``_natural_kr_pieces``), where a singular G is an interior point. On the singular fit of tests/reference
+(correlation −1) this gives pbkrtest's df = 17 for both coefficients; holding the boundary parameter fixed gave
+17.8 and 35.7.
 """
 
 from __future__ import annotations
@@ -109,21 +114,69 @@ def _observed_information(t0, y, expand, model, M, dv, expected):
 _dense_pieces_jit = eqx.filter_jit(_dense_pieces)
 
 
+def _natural_kr_pieces(theta, theta_inside, X, model):
+    """KR's P (k,p,p), Q (k,k,p,p) and I_E (k,k) at θ in the natural parametrisation ψ = ``build_params(θ)`` with
+    all k parameters: pbkrtest's V = Σᵢ ψᵢ Gᵢ (variances, covariances, σ²), Gᵢ = ∂V/∂ψᵢ.
+
+    Gᵢ = Σⱼ (∂V/∂θⱼ)(J⁻¹)ⱼᵢ with J = ∂ψ/∂θ (k,k), both taken at ``theta_inside``, θ with its boundary parameters
+    moved inside (at the bound J is singular: ∂v/∂θ = v/s → 0 for a log-scale variance v). For V linear in ψ the
+    Gᵢ are constant, so they are those at θ; V, V⁻¹ and Φ are at θ itself.
+    """
+    J = jax.jacfwd(model.build_params)(theta_inside)
+    dv_theta = jnp.moveaxis(jax.jacfwd(model)(theta_inside), -1, 0)  # (k, n, n)
+    G = jnp.einsum("jab,ji->iab", dv_theta, jnp.linalg.inv(J))
+    V = model(theta)
+    chol = jnp.linalg.cholesky(V)
+    v_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(V.shape[0], dtype=V.dtype))
+    v_inv_x = v_inv @ X
+    phi = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(X.T @ v_inv_x), True), jnp.eye(X.shape[1], dtype=V.dtype))
+    b = jnp.einsum("kab,bp->kap", G, v_inv_x)
+    P = -jnp.einsum("ap,kaq->kpq", v_inv_x, b)
+    Q = jnp.einsum("iap,ab,jbq->ijpq", b, v_inv, b)
+    mg = jnp.einsum("ab,kbc->kac", v_inv - v_inv_x @ phi @ v_inv_x.T, G)
+    expected = 0.5 * jnp.einsum("iab,jba->ij", mg, mg)
+    return P, Q, expected, jnp.linalg.cond(J)
+
+
+_natural_kr_pieces_jit = eqx.filter_jit(_natural_kr_pieces)
+
+
 class Pieces:
     """The derivative computations of one fit, done once (one compiled program per model structure)."""
 
     def __init__(self, theta, y, X, model, at_boundary):
         at_boundary = np.asarray(at_boundary, dtype=bool)
-        if at_boundary.any():
-            warnings.warn(
-                "some covariance parameters are at their boundary; they are held fixed for the "
-                "Satterthwaite / Kenward-Roger degrees of freedom",
-                stacklevel=4,
-            )
         free = np.flatnonzero(~at_boundary)
         out = _pieces_call(theta, y, X, model, free)
         self.phi, self.dphi, self.information, self.P, self.Q, self.expected = (np.asarray(o, float) for o in out)
         self._phi_adj = None
+        self._kr_natural = at_boundary.any() and self._use_natural(theta, X, model, at_boundary)
+        if at_boundary.any():
+            kr = (
+                "Kenward-Roger uses all of them in the natural parametrisation (variances, covariances), as pbkrtest"
+                if self._kr_natural
+                else "and for Kenward-Roger"
+            )
+            warnings.warn(
+                "some covariance parameters are at their boundary; they are held fixed for the Satterthwaite "
+                f"degrees of freedom ({kr})",
+                stacklevel=4,
+            )
+
+    def _use_natural(self, theta, X, model, at_boundary) -> bool:
+        """KR at a boundary: pbkrtest's parametrisation V = Σ ψᵢ Gᵢ keeps every parameter (a rank-deficient G of
+        a singular fit is inside ψ's space). Switches P, Q and I_E to it when the Jacobian ∂ψ/∂θ is well
+        conditioned once the boundary parameters are moved inside (each log-scale variance ×1e10)."""
+        scale_mask = np.asarray(model.scale_mask, dtype=bool)
+        one = jnp.asarray(1.0, dtype=theta.dtype)
+        powers = np.asarray(model.default_theta(one * np.e) - model.default_theta(one), dtype=float)
+        move = np.where(at_boundary & scale_mask, powers * np.log(1e10), 0.0)
+        inside = jnp.asarray(np.asarray(theta, dtype=float) + move, dtype=theta.dtype)
+        P, Q, expected, cond = _natural_kr_pieces_jit(theta, inside, X, model)
+        if not (np.isfinite(float(cond)) and float(cond) < 1e12):
+            return False
+        self.P, self.Q, self.expected = (np.asarray(o, float) for o in (P, Q, expected))
+        return True
 
     def acov_theta(self) -> np.ndarray:
         return _inverse(self.information, "observed information of θ")

@@ -2,7 +2,8 @@
 # Run from the repository root:  Rscript tests/reference/kenward_roger.R
 # Writes tests/reference/kenward_roger.json and the simulated data tests/reference/kr_unbalanced.csv (seed 17).
 #
-# Per data set (REML fits, treatment contrasts, factor levels sorted):
+# Data: sleepstudy, Machines, a simulated unbalanced design, and response y2 of singular_sleepstudy.csv (a singular
+# fit). Per data set (REML fits, treatment contrasts, factor levels sorted):
 #   - KRmodcomp(full, full without one term) for each fixed-effect term: pbkrtest's scaled F, ndf, ddf,
 #     F.scaling and p, and the unscaled F (Halekoh & Hojsgaard 2014, Kenward & Roger 1997);
 #   - per-coefficient t-tests from lmerTest's summary(fit, ddf = "Kenward-Roger") and ddf = "Satterthwaite".
@@ -46,7 +47,13 @@ models <- list(
     score ~ Machine + (1 | Worker) + (1 | Worker:Machine), bundled("Machines.csv", c("Worker", "Machine")),
     "Machines.csv"
   ),
-  kr_unbalanced = list(y ~ x + trt + (1 + x | g) + (1 | h), sim, "tests/reference/kr_unbalanced.csv")
+  kr_unbalanced = list(y ~ x + trt + (1 + x | g) + (1 | h), sim, "tests/reference/kr_unbalanced.csv"),
+  # a singular fit (correlation -1): pbkrtest keeps every variance parameter (V linear in them)
+  singular_sleepstudy = list(
+    y2 ~ Days + (Days | Subject),
+    as_factors(read.csv(file.path(ref_dir, "singular_sleepstudy.csv")), "Subject"),
+    "tests/reference/singular_sleepstudy.csv"
+  )
 )
 coef_rows <- function(tab) {
   lapply(seq_len(nrow(tab)), function(i) list(
@@ -81,6 +88,7 @@ for (name in names(models)) {
     formula = paste(deparse(form), collapse = ""),
     data = models[[name]][[3]],
     loglik = as.numeric(logLik(fit)),
+    singular = isSingular(fit),
     krmodcomp = tests,
     kenward_roger = coef_rows(coef(summary(fit, ddf = "Kenward-Roger"))),
     satterthwaite = coef_rows(coef(summary(fit, ddf = "Satterthwaite")))
