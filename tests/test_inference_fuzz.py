@@ -3,8 +3,9 @@ unbalanced groups, responses scaled by 10^-8 … 10^8.
 
 Each example fits y and s·y. Checked: no silent NaN (a fit either raises a ValueError that says why or returns
 finite ℓ, β̂ and variance components); the variance components are scale-equivariant, σ̂²(s·y) = s²·σ̂²(y), to 1e-8
-relative to the largest component; β̂(s·y) = s·β̂(y); and ℓ shifts by exactly −(n − p)·log s (REML: the density of s·y
-is that of y divided by s^(n−p) in the n − p error contrasts).
+relative to the largest component; β̂(s·y) = s·β̂(y); ℓ shifts by exactly −(n − p)·log s (REML: the density of s·y
+is that of y divided by s^(n−p) in the n − p error contrasts); and ``fit.diagnose()`` certifies the fit of y as a
+(constrained) local maximum from the exact gradient and Hessian.
 
 Shapes are fixed per design (n = 48, every level present), so each design compiles once per process and the
 examples only change values.
@@ -83,7 +84,8 @@ def test_random_designs_are_scale_equivariant(design, seed, variances, exponent)
 @pytest.mark.xfail(
     strict=False,
     reason="known defect found by this fuzz test: the (x | g) fit is not scale-equivariant. Its covariance θ (the "
-    "Cholesky entry below the diagonal) carries y's units, and the loop's step test max|Δθ| < tol_delta is absolute: "
+    "Cholesky entry below the diagonal) carries y's units, and the loop's tests on it (max|Δθ| < tol_delta among them) "
+    "are absolute, the likely cause (not verified): "
     "for y·1e3 and y·1e4 the fit needs 22 and 33 iterations instead of 11, and from y·1e5 on it stops ('no step "
     "increased the log-likelihood', converged=False) 11 log-likelihood units below the optimum it finds at y·1",
 )
@@ -120,3 +122,7 @@ def check_equivariance(design, seed, variances, exponent):
     np.testing.assert_allclose(np.asarray(other.beta), scale * np.asarray(base.beta), rtol=1e-8, atol=1e-8 * scale)
     n, p = np.asarray(base.X).shape
     np.testing.assert_allclose(float(other.loglik), float(base.loglik) - (n - p) * math.log(scale), atol=1e-6)
+    # and the fit is a (constrained) local maximum by the exact derivatives: a Newton step gains < 1e-6 in ℓ, the
+    # Hessian's free block is negative definite, ℓ does not rise off any boundary
+    diagnosis = base.diagnose()
+    assert diagnosis.certified, str(diagnosis)
