@@ -4,9 +4,10 @@ The calls follow torch_openreml's documentation (the "Introduction to REML Estim
 ``docs/source/vig/vig_reml.rst`` of github.com/anu-aagi/torch-openreml, and the ``REML`` class of
 torch_openreml 0.1.0a0 on PyPI): ``optimize(y, X, theta)`` returns ``(theta_hat, beta_hat, n_iter)``;
 ``blue``, ``loglik``, ``marginal_predict``, ``marginal_residual`` take ``(y, X, theta)``; ``blup``, ``predict``,
-``residual`` take ``(y, X, Z, theta, map_theta_to_g=None, mask_theta_to_g=None)``; ``history`` is a dict of
-per-iteration lists. Here every argument of those methods may be left out: y and X default to the data of the
-last ``optimize``, θ to its estimate, so ``reml.blue()`` is β̂ of the fit.
+``residual`` take ``(y, X, Z, theta, map_theta_to_g=None, mask_theta_to_g=None)`` (the vignette's later revision
+passes G as ``g=``, accepted too); ``history`` is a dict of per-iteration lists. Here every argument of those
+methods may be left out: y and X default to the data of the last ``optimize``, θ to its estimate, so
+``reml.blue()`` is β̂ of the fit.
 
 .. important::
    **Log-likelihood convention.** ``REML.loglik`` (like every log-likelihood in jreml) follows lme4's
@@ -71,10 +72,15 @@ def _design(Z, n: int):
     return Z
 
 
-def _select(theta, mask):
+def _select(theta, mask, g_of=None):
     """θ_G = the entries of θ that ``mask_theta_to_g`` picks (a boolean mask or integer indices); all of θ
-    without a mask (torch_openreml passes the whole θ to ``map_theta_to_g`` then)."""
+    without a mask (torch_openreml passes the whole θ to ``map_theta_to_g`` then), except that a covariance
+    module G with fewer parameters than θ gets θ's leading ``G.num_free_params`` entries (torch_openreml's later
+    ``g=`` argument: "g receives the same flat parameter vector θ as v", e.g. ``g=ScalarMatrix(2)`` for the
+    first term of ``Sum(CovariancePropagation(Z, ScalarMatrix(2)), ScalarMatrix(n))``)."""
     if mask is None:
+        if is_covariance(g_of) and 0 < g_of.num_free_params < theta.shape[0]:
+            return theta[: g_of.num_free_params]
         return theta
     mask = np.asarray(mask)
     if mask.dtype == bool:
@@ -333,9 +339,13 @@ class REML:
         y, X, theta = self._inputs(y, X, theta)
         return y - X @ _gls(self._model(), y, X, theta, self._reml())[0]
 
-    def _random_part(self, y, X, Z, theta, map_theta_to_g, mask_theta_to_g):
+    def _random_part(self, y, X, Z, theta, map_theta_to_g, mask_theta_to_g, g=None):
         """(û, Xβ̂ + Zû) at θ; G and Z from the call, else from the constructor, else the module's terms."""
         y, X, theta = self._inputs(y, X, theta)
+        if g is not None:
+            if map_theta_to_g is not None:
+                raise ValueError("give g or map_theta_to_g, not both (g is torch_openreml's later name for it)")
+            map_theta_to_g = g
         g_of = self.map_theta_to_g if map_theta_to_g is None else map_theta_to_g
         if g_of is not None:
             if not callable(g_of):
@@ -345,7 +355,7 @@ class REML:
                 raise ValueError("BLUPs with map_theta_to_g need Z: pass it (blup(y, X, Z, theta)) or give z=")
             Z = _design(Z, y.shape[0])
             mask = self.mask_theta_to_g if mask_theta_to_g is None else mask_theta_to_g
-            G = jnp.asarray(g_of(_select(theta, mask)))
+            G = jnp.asarray(g_of(_select(theta, mask, g_of)))
             q = Z.shape[1]
             if G.shape != (q, q):
                 raise ValueError(f"map_theta_to_g returned shape {G.shape}, expected ({q}, {q}) (Z has {q} columns)")
@@ -361,17 +371,18 @@ class REML:
             raise ValueError("the covariance model has no Z·G·Zᵀ (CovariancePropagation) terms: no BLUPs")
         return jnp.concatenate(list(blups.values())), fitted
 
-    def blup(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None):
+    def blup(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None, g=None):
         """BLUPs û = G(θ_G) Zᵀ P y at θ (torch_openreml's ``blup(y, x, z, theta, map_theta_to_g,
-        mask_theta_to_g)``); ``map_theta_to_g``, ``mask_theta_to_g`` and Z default to the constructor's. Without
-        any ``map_theta_to_g``, a covariance module's terms' BLUPs, concatenated in term order."""
-        return self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g)[0]
+        mask_theta_to_g)``, and its later ``blup(y, x, z, theta, g=G)``: ``g`` is ``map_theta_to_g`` under its
+        later name); ``map_theta_to_g``, ``mask_theta_to_g`` and Z default to the constructor's. Without any
+        ``map_theta_to_g``, a covariance module's terms' BLUPs, concatenated in term order."""
+        return self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g, g)[0]
 
-    def predict(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None):
+    def predict(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None, g=None):
         """Conditional predictions Xβ̂ + Zû at θ (torch_openreml's ``predict``; arguments as :meth:`blup`)."""
-        return self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g)[1]
+        return self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g, g)[1]
 
-    def residual(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None):
+    def residual(self, y=None, X=None, Z=None, theta=None, map_theta_to_g=None, mask_theta_to_g=None, g=None):
         """Conditional residuals y − Xβ̂ − Zû at θ (torch_openreml's ``residual``; arguments as :meth:`blup`)."""
-        fitted = self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g)[1]
+        fitted = self._random_part(y, X, Z, theta, map_theta_to_g, mask_theta_to_g, g)[1]
         return (self.result.y if y is None else _response(y)) - fitted

@@ -393,6 +393,75 @@ def test_torch_openreml_vignette_calls_run_unchanged(capfd):
     np.testing.assert_allclose(ns["loglik"], reml.result.loglik, rtol=1e-12)
 
 
+# The same sections of the vignette's later revision (vig_reml.rst at torch-openreml commit 864c847): REML(V)
+# positional, and G passed at call time as ``g=`` ("g receives the same flat parameter vector θ as v"), verbatim.
+OPENREML_VIGNETTE_LATER = """\
+n, p = 50, 2
+
+y = torch.randn(n)
+X = torch.randn(n, p)
+
+Z = DummyMatrix(["a", "b"] * 25)()
+
+V = Sum(
+    CovariancePropagation(
+        Z,
+        ScalarMatrix(2),
+    ),
+    ScalarMatrix(n),
+)
+
+reml = REML(V)
+
+theta_start = torch.zeros(V.num_free_params)
+
+theta_hat, beta_hat, n_iter = reml.optimize(
+    y,
+    X,
+    theta_start,
+    verbose=2,
+)
+theta_last = reml.get_theta(select="last")
+theta_best = reml.get_theta(select="best")
+
+beta_last = reml.get_beta(select="last")
+beta_best = reml.get_beta(select="best")
+beta_hat = reml.blue(y, X, theta_hat)
+G = ScalarMatrix(2)
+b_hat = reml.blup(y, X, Z, theta_hat, g=G)
+y_hat_marginal = reml.marginal_predict(
+    y,
+    X,
+    theta_hat,
+)
+
+y_hat_conditional = reml.predict(y, X, Z, theta_hat, g=ScalarMatrix(2))
+e_marginal = reml.marginal_residual(
+    y,
+    X,
+    theta_hat,
+)
+
+e_conditional = reml.residual(y, X, Z, theta_hat, g=ScalarMatrix(2))
+loglik = reml.loglik(y, X, theta_hat)
+"""
+
+
+def test_torch_openreml_later_vignette_g_keyword(capfd):
+    ns = {}
+    exec(OPENREML_VIGNETTE_IMPORTS + OPENREML_VIGNETTE_LATER, ns)  # noqa: S102
+    assert "Converged at iteration" in capfd.readouterr().out
+    reml, y, X, Z = ns["reml"], ns["y"], ns["X"], ns["Z"]
+    assert reml.result.converged
+    # g = ScalarMatrix(2) takes θ's leading entry, the group variance: the module's own term's BLUPs
+    np.testing.assert_allclose(ns["b_hat"], reml.blup(), rtol=1e-10)
+    np.testing.assert_allclose(ns["y_hat_conditional"], X @ ns["beta_hat"] + Z @ ns["b_hat"], rtol=1e-12)
+    np.testing.assert_allclose(ns["e_conditional"], y - ns["y_hat_conditional"], atol=1e-12)
+    np.testing.assert_allclose(ns["loglik"], reml.result.loglik, rtol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        reml.blup(y, X, Z, ns["theta_hat"], map_theta_to_g=ns["G"], g=ns["G"])
+
+
 def test_plain_functions_match_module(example, module_fit, function_fit):
     reml_m, (theta_m, beta_m, _) = module_fit
     reml_f, (theta_f, beta_f, _), _ = function_fit

@@ -1,13 +1,17 @@
 """coef_table / anova / summary with Satterthwaite and Kenward–Roger df against lmerTest and pbkrtest.
 
-References: tests/reference/ddf.json (tests/reference/make_ddf_reference.R) and the shared inference.json.
+References: tests/reference/ddf.json (tests/reference/make_ddf_reference.R), tests/reference/kenward_roger.json
+(tests/reference/kenward_roger.R: pbkrtest's KRmodcomp per term, on sleepstudy, Machines, a simulated unbalanced
+design with a crossed factor and a random slope, and a singular fit) and the shared inference.json.
 """
 
 import json
 import math
 import pathlib
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import jreml
@@ -15,6 +19,11 @@ import jreml
 HERE = pathlib.Path(__file__).parent
 REF = json.loads((HERE / "reference" / "ddf.json").read_text())
 SHARED = pathlib.Path("/work/shared/reference/inference.json")
+KR = json.loads((HERE / "reference" / "kenward_roger.json").read_text())
+KR_NAMES = ("sleepstudy", "machines", "kr_unbalanced", "singular_sleepstudy")
+# The singular fit's Satterthwaite p lies at t = 158 (p ≈ 1e-40), where the 1e-5 difference in se between jreml's
+# and lme4's optima becomes 1e-2 in p; its df agree to 1.2e-4.
+KR_P_RTOL = {("singular_sleepstudy", "satterthwaite"): 2e-2}
 NAMES = ("sleepstudy", "penicillin", "machines", "dyestuff")
 RTOL = 1e-3
 # Penicillin's t = 28.4 lies far in the tail, where p's relative error is about (df + 1)·Δt/t plus the df term:
@@ -28,7 +37,10 @@ def fits():
 
     def get(name):
         if name not in cache:
-            cache[name] = jreml.fit(REF[name]["formula"], jreml.datasets.load(name))
+            if name in REF:
+                cache[name] = jreml.fit(REF[name]["formula"], jreml.datasets.load(name))
+            else:
+                cache[name] = jreml.fit(KR[name]["formula"], pd.read_csv(HERE.parent / KR[name]["data"]))
         return cache[name]
 
     return get
@@ -117,3 +129,26 @@ def test_summary_with_ddf_has_lmertest_block(fits):
     assert "10.000" in text
     assert "Pr(>|t|)" not in fit.summary()
     assert str(fit) == fit.summary()
+
+
+@pytest.mark.parametrize("name", KR_NAMES)
+def test_kenward_roger_matches_pbkrtest(fits, name):
+    """Per-coefficient KR (lmerTest's ddf="Kenward-Roger") and per-term KRmodcomp F, ddf, p within 1e-3."""
+    fit, ref = fits(name), KR[name]
+    assert KR[name]["formula"] == REF.get(name, ref)["formula"]
+    assert bool(fit.singular) == ref["singular"]
+    assert float(fit.loglik) >= ref["loglik"] - 1e-7 and float(fit.loglik) - ref["loglik"] < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the singular fit: "some covariance parameters are at their boundary"
+        tables = {ddf: fit.coef_table(ddf=ddf) for ddf in ("kenward-roger", "satterthwaite")}
+        anova = fit.anova(ddf="kenward-roger")
+    for ddf, key in (("kenward-roger", "kenward_roger"), ("satterthwaite", "satterthwaite")):
+        table = tables[ddf]
+        rows = ref[key]
+        assert lme4_index(table) == [r["name"] for r in rows]
+        for column in ("estimate", "se", "df", "t", "p"):
+            rtol = KR_P_RTOL.get((name, ddf), RTOL) if column == "p" else RTOL
+            assert_rel(table[column], [r[column] for r in rows], rtol=rtol, what=f"{name} {ddf} {column}")
+    assert list(anova.index) == [r["term"] for r in ref["krmodcomp"]]
+    for column, field in (("NumDF", "ndf"), ("DenDF", "ddf"), ("F value", "f"), ("Pr(>F)", "p")):
+        assert_rel(anova[column], [r[field] for r in ref["krmodcomp"]], what=f"{name} KRmodcomp {column}")

@@ -4,8 +4,9 @@ Notation (one fit, REML): y (n,), X (n, p), θ (k,) the covariance parameters, V
 Φ(θ) = (Xᵀ V⁻¹ X)⁻¹ (p, p) the covariance of β̂, L (q, p) a contrast matrix.
 
 Satterthwaite (Satterthwaite 1946; lmerTest, Kuznetsova, Brockhoff & Christensen 2017), for one contrast c (p,):
-    ν = 2 (cᵀ Φ c)² / (gᵀ A g),   g = ∂(cᵀ Φ(θ) c)/∂θ (k,) by autodiff,
-    A = (−∂²ℓ_REML/∂θ∂θᵀ)⁻¹ (k, k), the inverse observed information of the same θ.
+    ν = 2 (cᵀ Φ c)² / (gᵀ A g),   gᵢ = ∂(cᵀ Φ(θ) c)/∂θᵢ = −cᵀ Φ Pᵢ Φ c (k,), Pᵢ below (Vᵢ by forward mode),
+    A = (−∂²ℓ_REML/∂θ∂θᵀ)⁻¹ (k, k), the inverse observed information of the same θ (closed form, see
+    ``_observed_information``).
 At the REML optimum ν does not depend on the parametrisation (g and A transform as a covector and a tensor).
 For q > 1 (lmerTest's ``contestMD``): LΦLᵀ = U D Uᵀ, νᵢ from the rows of UᵀL, E = Σ νᵢ/(νᵢ − 2),
 ν = 2E/(E − q) (ν = 2 when some νᵢ ≤ 2); F = (Lβ̂)ᵀ(LΦLᵀ)⁻¹(Lβ̂)/q.
@@ -23,8 +24,13 @@ in first derivatives and W, hence the same in jreml's θ. For L (q, p), Θ = L�
     F = λ (Lβ̂)ᵀ(LΦ_ALᵀ)⁻¹(Lβ̂)/q with λ = m(1 − A₂/q)/(m − 2), on (q, m) degrees of freedom.
 The Kenward–Roger pieces are dense n×n (V, V⁻¹, the k matrices Vᵢ): meant for n up to a few thousand.
 
-Parameters at a boundary (``at_boundary``) are held fixed: they are left out of θ for both methods, as a
-variance at zero carries no sampling variability to first order (a warning says so).
+Parameters at a boundary (``at_boundary``), with a warning: Satterthwaite holds them fixed (they are left out of
+θ; lmerTest's df on singular fits agree to 1e-4). Kenward–Roger keeps them, as pbkrtest does: away from a boundary
+the terms above are tensors and the same in θ and in pbkrtest's natural parameters ψ (variances, covariances, σ²;
+V = Σ ψᵢ Gᵢ), but at a boundary ∂ψ/∂θ is singular (a log-scale variance), so P, Q and I_E are computed in ψ
+(``_natural_kr_pieces``), where a singular G is an interior point. On the singular fit of tests/reference
+(correlation −1) this gives pbkrtest's df = 17 for both coefficients; holding the boundary parameter fixed gave
+17.8 and 35.7.
 """
 
 from __future__ import annotations
@@ -37,8 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from jaxtyping import Array, Float
-
-from .._likelihood import reml_loglik
 
 DDF_METHODS = ("satterthwaite", "kenward-roger", "residual", None)
 
@@ -68,32 +72,73 @@ def _dense_pieces(theta, y, X, model, free):
     def expand(t_free):
         return theta.at[free].set(t_free)
 
-    def phi_of(t_free):
-        V = model(expand(t_free))
-        vinv_x = jnp.linalg.solve(V, X)
-        return jnp.linalg.inv(X.T @ vinv_x)
-
     t0 = theta[free]
-    phi = phi_of(t0)
-    dphi = jnp.moveaxis(jax.jacfwd(phi_of)(t0), -1, 0)
-    information = -jax.jacfwd(jax.grad(lambda t: reml_loglik(expand(t), y, X, model)))(t0)
-
     V = model(theta)
     chol = jnp.linalg.cholesky(V)
     v_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(V.shape[0], dtype=V.dtype))
     v_inv_x = v_inv @ X
+    xvx = X.T @ v_inv_x
+    phi = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(xvx), True), jnp.eye(X.shape[1], dtype=V.dtype))
     basis = jnp.eye(t0.shape[0], dtype=theta.dtype)
     dv = jax.lax.map(lambda d: jax.jvp(lambda t: model(expand(t)), (t0,), (d,))[1], basis)  # (k, n, n)
     b = jnp.einsum("kab,bp->kap", dv, v_inv_x)  # Vᵢ V⁻¹ X
     P = -jnp.einsum("ap,kaq->kpq", v_inv_x, b)
+    # ∂Φ/∂θᵢ = −Φ (∂XᵀV⁻¹X/∂θᵢ) Φ = −Φ Pᵢ Φ
+    dphi = -jnp.einsum("ab,kbc,cd->kad", phi, P, phi)
     Q = jnp.einsum("iap,ab,jbq->ijpq", b, v_inv, b)
     M = v_inv - v_inv_x @ phi @ v_inv_x.T
     mv = jnp.einsum("ab,kbc->kac", M, dv)
     expected = 0.5 * jnp.einsum("iab,jba->ij", mv, mv)
+    information = _observed_information(t0, y, expand, model, M, dv, expected)
     return phi, dphi, information, P, Q, expected
 
 
+def _observed_information(t0, y, expand, model, M, dv, expected):
+    """−∂²ℓ_REML/∂θ∂θᵀ (k, k) in closed form from P = M (n, n), Vᵢ (k, n, n) and Vᵢⱼ = ∂²V/∂θᵢ∂θⱼ (Harville 1977,
+    JASA 72:320, eq. for the REML Hessian):
+
+        I_obs,ᵢⱼ = ½ tr(P Vᵢⱼ) − ½ tr(P Vᵢ P Vⱼ) + (Py)ᵀ Vᵢ P Vⱼ (Py) − ½ (Py)ᵀ Vᵢⱼ (Py).
+
+    Equal to the autodiff Hessian of ``reml_loglik`` (to 7e-15 relative on sleepstudy; ``fit.diagnose()`` gives
+    the latter) at a fraction of the cost of differentiating its Cholesky factorisation twice; Vᵢⱼ by
+    forward-over-forward mode of θ ↦ V(θ).
+    """
+    d2v = jax.jacfwd(jax.jacfwd(lambda t: model(expand(t))))(t0)  # (n, n, k, k)
+    py = M @ y
+    u = jnp.einsum("kab,b->ka", dv, py)  # Vᵢ Py
+    tr_pvij = jnp.einsum("ab,baij->ij", M, d2v)
+    quad_vij = jnp.einsum("a,abij,b->ij", py, d2v, py)
+    return 0.5 * tr_pvij - expected + u @ M @ u.T - 0.5 * quad_vij
+
+
 _dense_pieces_jit = eqx.filter_jit(_dense_pieces)
+
+
+def _natural_kr_pieces(theta, theta_inside, X, model):
+    """KR's P (k,p,p), Q (k,k,p,p) and I_E (k,k) at θ in the natural parametrisation ψ = ``build_params(θ)`` with
+    all k parameters: pbkrtest's V = Σᵢ ψᵢ Gᵢ (variances, covariances, σ²), Gᵢ = ∂V/∂ψᵢ.
+
+    Gᵢ = Σⱼ (∂V/∂θⱼ)(J⁻¹)ⱼᵢ with J = ∂ψ/∂θ (k,k), both taken at ``theta_inside``, θ with its boundary parameters
+    moved inside (at the bound J is singular: ∂v/∂θ = v/s → 0 for a log-scale variance v). For V linear in ψ the
+    Gᵢ are constant, so they are those at θ; V, V⁻¹ and Φ are at θ itself.
+    """
+    J = jax.jacfwd(model.build_params)(theta_inside)
+    dv_theta = jnp.moveaxis(jax.jacfwd(model)(theta_inside), -1, 0)  # (k, n, n)
+    G = jnp.einsum("jab,ji->iab", dv_theta, jnp.linalg.inv(J))
+    V = model(theta)
+    chol = jnp.linalg.cholesky(V)
+    v_inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(V.shape[0], dtype=V.dtype))
+    v_inv_x = v_inv @ X
+    phi = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(X.T @ v_inv_x), True), jnp.eye(X.shape[1], dtype=V.dtype))
+    b = jnp.einsum("kab,bp->kap", G, v_inv_x)
+    P = -jnp.einsum("ap,kaq->kpq", v_inv_x, b)
+    Q = jnp.einsum("iap,ab,jbq->ijpq", b, v_inv, b)
+    mg = jnp.einsum("ab,kbc->kac", v_inv - v_inv_x @ phi @ v_inv_x.T, G)
+    expected = 0.5 * jnp.einsum("iab,jba->ij", mg, mg)
+    return P, Q, expected, jnp.linalg.cond(J)
+
+
+_natural_kr_pieces_jit = eqx.filter_jit(_natural_kr_pieces)
 
 
 class Pieces:
@@ -101,16 +146,37 @@ class Pieces:
 
     def __init__(self, theta, y, X, model, at_boundary):
         at_boundary = np.asarray(at_boundary, dtype=bool)
-        if at_boundary.any():
-            warnings.warn(
-                "some covariance parameters are at their boundary; they are held fixed for the "
-                "Satterthwaite / Kenward-Roger degrees of freedom",
-                stacklevel=4,
-            )
         free = np.flatnonzero(~at_boundary)
         out = _pieces_call(theta, y, X, model, free)
         self.phi, self.dphi, self.information, self.P, self.Q, self.expected = (np.asarray(o, float) for o in out)
         self._phi_adj = None
+        self._kr_natural = at_boundary.any() and self._use_natural(theta, X, model, at_boundary)
+        if at_boundary.any():
+            kr = (
+                "Kenward-Roger uses all of them in the natural parametrisation (variances, covariances), as pbkrtest"
+                if self._kr_natural
+                else "and for Kenward-Roger"
+            )
+            warnings.warn(
+                "some covariance parameters are at their boundary; they are held fixed for the Satterthwaite "
+                f"degrees of freedom ({kr})",
+                stacklevel=4,
+            )
+
+    def _use_natural(self, theta, X, model, at_boundary) -> bool:
+        """KR at a boundary: pbkrtest's parametrisation V = Σ ψᵢ Gᵢ keeps every parameter (a rank-deficient G of
+        a singular fit is inside ψ's space). Switches P, Q and I_E to it when the Jacobian ∂ψ/∂θ is well
+        conditioned once the boundary parameters are moved inside (each log-scale variance ×1e10)."""
+        scale_mask = np.asarray(model.scale_mask, dtype=bool)
+        one = jnp.asarray(1.0, dtype=theta.dtype)
+        powers = np.asarray(model.default_theta(one * np.e) - model.default_theta(one), dtype=float)
+        move = np.where(at_boundary & scale_mask, powers * np.log(1e10), 0.0)
+        inside = jnp.asarray(np.asarray(theta, dtype=float) + move, dtype=theta.dtype)
+        P, Q, expected, cond = _natural_kr_pieces_jit(theta, inside, X, model)
+        if not (np.isfinite(float(cond)) and float(cond) < 1e12):
+            return False
+        self.P, self.Q, self.expected = (np.asarray(o, float) for o in (P, Q, expected))
+        return True
 
     def acov_theta(self) -> np.ndarray:
         return _inverse(self.information, "observed information of θ")

@@ -512,3 +512,10 @@ class FitResult(eqx.Module):
 
     def __str__(self) -> str:
         return self.summary()
+
+    def diagnose(self, tol: float = 1e-6, flat: float = 1e-6):
+        """Exact gradient and Hessian of ℓ at θ̂, boundary parameters, curvature and advice in plain words
+        (a frozen :class:`jreml._inference.diagnose.Diagnosis`; see that module for the checks)."""
+        from .._inference.diagnose import diagnose
+
+        return diagnose(self, tol=tol, flat=flat)
