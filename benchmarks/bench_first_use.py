@@ -9,12 +9,15 @@ Scenarios (each in new processes; nothing is asserted and the script always exit
 * **(b) one fit**: ``python -c "import jreml; jreml.fit('Reaction ~ Days + (Days | Subject)', sleepstudy)"``, the
   whole process's wall time; lme4: ``Rscript -e 'library(lme4); lmer(...)'``.
 
-jreml runs in three settings: ``no cache`` (the library's default: no persistent compilation cache),
-``cache empty`` / ``cache warm`` (JAX's persistent compilation cache in a new folder, ``JAX_COMPILATION_CACHE_DIR``,
-first and second run). Each jreml row is measured with jreml's XLA CPU default (``--xla_cpu_use_fusion_emitters=false``,
-see ``jreml/_config.py``) and with XLA's own (``=true``), side by side.
+jreml runs in three settings: ``no cache`` (``JREML_CACHE_DIR=off``: no persistent compilation cache),
+``cache empty`` / ``cache warm`` (the library's default persistent compilation cache, moved to a new folder with
+``JREML_CACHE_DIR``, first and second run). (a) also gives the compile and run seconds of the ten fits
+(``jreml.last_timing()``). Each jreml row is measured with jreml's XLA CPU default
+(``--xla_cpu_use_fusion_emitters=false``, see ``jreml/_config.py``), and with ``--xla-default`` also with XLA's own
+(``=true``), side by side.
 
-Run: ``python benchmarks/bench_first_use.py [--repeats 2]`` (about 3 minutes; R with lme4 for the lme4 column).
+Run: ``python benchmarks/bench_first_use.py [--repeats 2] [--xla-default]`` (about 2 minutes, 4 with
+``--xla-default``; R with lme4 for the lme4 column).
 """
 
 from __future__ import annotations
@@ -76,9 +79,11 @@ frames = [pd.read_csv(f"{folder}/{{name}}.csv") for name, _, _ in fits]
 for (name, _, factors), frame in zip(fits, frames):
     frame[factors] = frame[factors].astype(str)
 start = time.perf_counter()
+compile_s = 0.0
 for (name, formula, _), frame in zip(fits, frames):
     jreml.fit(formula, frame).loglik.block_until_ready()
-print(time.perf_counter() - start)
+    compile_s += jreml.last_timing().compile_s
+print(time.perf_counter() - start, compile_s)
 """
 
 JREML_ONE = (
@@ -97,12 +102,11 @@ def run_python(code: str, env: dict) -> tuple[float, str]:
 
 
 def jreml_env(fusion_default: bool, cache_dir: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "XLA_FLAGS")}
+    drop = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "JREML_CACHE_DIR", "XLA_FLAGS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     if not fusion_default:
         env["XLA_FLAGS"] = "--xla_cpu_use_fusion_emitters=true"
-    if cache_dir is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JREML_CACHE_DIR"] = "off" if cache_dir is None else cache_dir
     return env
 
 
@@ -127,6 +131,7 @@ def lme4_one() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="fresh processes per cell (the median is shown)")
+    parser.add_argument("--xla-default", action="store_true", help="also measure with XLA's fusion emitters on")
     args = parser.parse_args()
     print(f"load average before: {load_average()}")
     folder = tempfile.mkdtemp(prefix="jreml_first_use_")
@@ -134,19 +139,26 @@ def main() -> None:
     lme4 = have_lme4()
     ten_code = JREML_TEN.format(fits=TEN_FITS, folder=folder)
     rows = []
-    for fusion_default in (True, False):
+    for fusion_default in (True, False) if args.xla_default else (True,):
         label = "jreml default" if fusion_default else "XLA default (fusion emitters on)"
         for scenario, code in (("(a) ten fits", ten_code), ("(b) one fit", JREML_ONE)):
             cells = {"no cache": [], "cache empty": [], "cache warm": []}
+            compiles = {cell: [] for cell in cells}  # (a): compile seconds of the ten fits (last_timing)
+
             for _ in range(args.repeats):
-                wall, out = run_python(code, jreml_env(fusion_default, None))
-                cells["no cache"].append(float(out) if out else wall)
                 cache = tempfile.mkdtemp(prefix="jreml_cache_")
-                for cell in ("cache empty", "cache warm"):
-                    wall, out = run_python(code, jreml_env(fusion_default, cache))
-                    cells[cell].append(float(out) if out else wall)
+                for cell, folder_or_off in (("no cache", None), ("cache empty", cache), ("cache warm", cache)):
+                    wall, out = run_python(code, jreml_env(fusion_default, folder_or_off))
+                    values = [float(v) for v in out.split()]
+                    cells[cell].append(values[0] if values else wall)
+                    if len(values) > 1:
+                        compiles[cell].append(values[1])
                 shutil.rmtree(cache, ignore_errors=True)
-            rows.append({"scenario": scenario, "jreml": label, **{k: statistics.median(v) for k, v in cells.items()}})
+            row = {"scenario": scenario, "jreml": label, **{k: statistics.median(v) for k, v in cells.items()}}
+            for cell, values in compiles.items():
+                if values:
+                    row[f"{cell}: compile"] = statistics.median(values)
+            rows.append(row)
     table = pd.DataFrame(rows)
     if lme4:
         peer = {"(a) ten fits": statistics.median(lme4_ten(folder) for _ in range(args.repeats))}

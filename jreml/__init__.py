@@ -1,14 +1,18 @@
 """jreml: REML and ML fitting of linear mixed models in JAX.
 
 Importing jreml turns on JAX's float64 mode unless ``JAX_ENABLE_X64`` is set in the environment, and sets XLA's
-CPU fusion emitter flag unless ``XLA_FLAGS`` sets it (see ``jreml._config`` and README "Precision").
+CPU fusion emitter flag unless ``XLA_FLAGS`` sets it (see ``jreml._config`` and README "Precision"), and points JAX's
+persistent compilation cache at the user cache directory unless one is configured (``jreml._cache``,
+``JREML_CACHE_DIR=off`` turns it off; README "Compilation").
 """
 
+from ._cache import enable_default_cache as _enable_default_cache
 from ._config import _apply_default_precision, _apply_default_xla_flags
 from ._lapack_guard import install as _install_lapack_guard
 
 _apply_default_precision()
 _apply_default_xla_flags()
+_enable_default_cache()
 _install_lapack_guard()
 
 # ruff: noqa: E402, I001
@@ -46,5 +50,7 @@ from ._batch import fit_batch as fit_batch
 from ._bootstrap import BootstrapResult as BootstrapResult
 from ._bootstrap import bootstrap as bootstrap
 from ._entry import fit_spectral as fit_spectral
+from ._timing import Timing as Timing
+from ._timing import last_timing as last_timing
 
 __version__ = "0.1.0"

@@ -19,9 +19,10 @@ are factors, as in R. ``--relmat GROUP=K.csv`` (repeatable) gives the term ``(1 
 (matched by name, any order; extra levels are ignored), or a plain numeric matrix without header or index
 column, in the sorted order of GROUP's levels. A file whose first line is all numbers is read as the latter.
 
-Compiled programs are kept in JAX's persistent compilation cache (``$JREML_CACHE_DIR``, default
-``~/.cache/jreml/jax``), so a later process fitting a model of the same shape skips XLA compilation; set
-``JREML_CACHE_DIR=off`` to disable it. The cache is used by this command only, never by ``import jreml``.
+Compiled programs are kept in JAX's persistent compilation cache, which ``import jreml`` turns on (``jreml._cache``:
+``~/.cache/jreml/xla/<jax>-<jaxlib>`` on Linux, ``$JREML_CACHE_DIR`` moves it, ``JREML_CACHE_DIR=off`` disables
+it), so a later process fitting a model of the same shape skips XLA compilation; this command writes every
+program it compiles there, however short its compilation.
 
 Exit status: 0 after a converged fit, 1 when the fit did not converge, 2 for a usage or input error (one line
 on stderr). When the reader of the output goes away (``jreml datasets | head -1``) the command stops quietly, as
@@ -198,20 +199,18 @@ def _datasets() -> int:
 
 
 def _enable_compilation_cache() -> None:
+    """Write every compiled program to the persistent cache ``import jreml`` set up (or the user's): a one-shot
+    process gains from each one the next process loads. Unless the user set the threshold or turned it off."""
     import os
 
     import jax
 
-    cache = os.environ.get("JREML_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "jreml", "jax"))
-    if cache.lower() in ("off", "0", "none", ""):
+    if jax.config.jax_compilation_cache_dir is None:
         return
-    try:
-        os.makedirs(cache, exist_ok=True)
-    except OSError:
-        return  # an unwritable home directory only costs compile time
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _single_threaded_lapack() -> None:

@@ -24,7 +24,7 @@ from ._result import FitResult
 from ._solvers import as_algorithm
 from ._solvers.base import free_mask, pseudo_inverse
 from ._solvers.defaults import BOUNDARY_RELATIVE_VARIANCE, DEFAULTS, SINGULAR_RELATIVE_VARIANCE
-from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STATUS_MESSAGES, run
+from ._solvers.loop import CONVERGED, INVALID_START, MAX_ITER, STATUS_MESSAGES, history_rows, print_history, run
 from ._solvers.second_tries import (
     NEWTON_CONTINUES,
     NEWTON_FALLBACK,
@@ -34,6 +34,8 @@ from ._solvers.second_tries import (
     reflected_theta,
     restart_theta,
 )
+from ._timing import last_timing as last_timing  # re-exported: the timing of the last fit
+from ._timing import timed
 
 # Incremented each time the fitting program is traced (tests check that vmap and refits compile once).
 TRACE_COUNT = [0]
@@ -48,18 +50,16 @@ def _fit(
     ub,
     tolerances,
     eta,
+    limits,
     pattern=None,
     *,
     reml,
     algorithm,
     derivatives,
     dv_builder,
-    max_iter,
-    max_halvings,
     checks,
-    min_iter,
     em_plan,
-    verbose,
+    history_rows,
     throw,
     backend="dense",
     mme_blocks=None,
@@ -103,12 +103,12 @@ def _fit(
         algorithm=algorithm,
         backend=engine,
         state=stop_gradient(state),
-        max_iter=max_iter,
-        max_halvings=max_halvings,
+        max_iter=limits[0],
+        max_halvings=limits[2],
         checks=checks,
-        min_iter=min_iter,
+        min_iter=limits[1],
         em_plan=em_plan,
-        verbose=verbose,
+        history_rows=history_rows,
     )
     theta = out.theta
     if throw:
@@ -206,7 +206,7 @@ def _remember(cache: dict, key, value):
 
 
 class _Jitted:
-    """``jax.jit`` of ``_fit`` over the array leaves of (model, y, X, θ₀, lb, ub, tolerances, η)."""
+    """``jax.jit`` of ``_fit`` over the array leaves of (model, y, X, θ₀, lb, ub, tolerances, η, limits)."""
 
     def __init__(self, treedef, static, options):
         self.treedef = treedef
@@ -228,9 +228,9 @@ class _Jitted:
                 leaves[i] = next(it)
         return leaves
 
-    def _traced(self, dynamic, y, X, theta0, lb, ub, tolerances, eta, pattern):
+    def _traced(self, dynamic, y, X, theta0, lb, ub, tolerances, eta, limits, pattern):
         model = self.treedef.unflatten(self._merge(dynamic, self.static, self.n_leaves))
-        result = _fit(model, y, X, theta0, lb, ub, tolerances, eta, pattern, **dict(self.options))
+        result = _fit(model, y, X, theta0, lb, ub, tolerances, eta, limits, pattern, **dict(self.options))
         leaves, treedef = jax.tree_util.tree_flatten(result)
         arrays, static = [], []
         for i, leaf in enumerate(leaves):
@@ -279,6 +279,28 @@ def _model_info(model, split):
     return info
 
 
+def _trim_history(result: FitResult, rows: int) -> FitResult:
+    """``result`` with its history cut to ``rows`` = max_iter + 1 rows (the program's history has
+    ``history_rows(max_iter)``). Concrete arrays through NumPy and one ``device_put`` (0.1 ms): slicing jax arrays
+    eagerly compiles a small program for each new shape, which a new max_iter should not."""
+    history = result.history
+    if history.loglik.shape[0] == rows:
+        return result
+    if any(is_traced(a) for a in jax.tree.leaves(history)):
+        return dataclasses.replace(result, history=jax.tree.map(lambda a: a[:rows], history))
+    return dataclasses.replace(result, history=jax.device_put(jax.tree.map(lambda a: np.asarray(a)[:rows], history)))
+
+
+def _report_timing(result, timing, args, kwargs) -> bool:
+    """After an outermost ``estimate`` call: print its timing with ``verbose``; keep it unless traced."""
+    if is_traced(result.loglik):
+        return False
+    if kwargs.get("verbose", 0):
+        print(f"jreml.estimate: {timing}")
+    return True
+
+
+@timed(_report_timing)
 def estimate(
     v_builder,
     y: Float[Array, " n"],
@@ -340,7 +362,9 @@ def estimate(
             parametrization has stationary points that are not optima (a correlation of the wrong sign that can
             change sign only through a zero variance; L = 0), where a gradient-based fit can stop. Concrete
             calls only, as ``newton_fallback``.
-        verbose: 0 silent, 1 progress bar, 2 per-iteration table (host callbacks only when verbose > 0).
+        verbose: 0 silent, 1 the iteration counter's last line, 2 the per-iteration table, then a line with the
+            compile and run seconds (``jreml.last_timing()``). Printed from the history after the fit, so that
+            verbose compiles nothing new (nothing is printed under ``jit``/``vmap``).
         throw: raise (``eqx.error_if``) when the start is invalid; otherwise report it in ``status``.
         backend: "auto" (default), "dense", "mme" or "sparse" (see :func:`jreml.select_backend`). The
             mixed-model equations evaluate V = Σ_j Z_j G_j Z_jᵀ + σ²I (fixed Z_j, q random effects in all) without
@@ -398,12 +422,11 @@ def estimate(
         ("algorithm", algo),
         ("derivatives", derivatives),
         ("dv_builder", dv_builder),
-        ("max_iter", int(max_iter)),
-        ("max_halvings", int(max_halvings)),
         ("checks", (bool(check_score), bool(check_delta), bool(check_loglik))),
-        ("min_iter", int(min_iter)),
         ("em_plan", em_plan),
-        ("verbose", int(verbose)),
+        # max_iter, min_iter, max_halvings, the tolerances and η are run-time values (``limits`` and the arrays
+        # below): only the history's size is compiled in, in buckets of max_iter (``history_rows``).
+        ("history_rows", history_rows(int(max_iter))),
         ("backend", resolved_backend),
         # Decided on the concrete Z so that the program holds one MME path, not both behind a lax.cond.
         ("mme_blocks", mme_blocks),
@@ -415,6 +438,7 @@ def estimate(
     dtype = y.dtype
     tolerances = np.asarray([tol_score, tol_delta, tol_loglik], dtype)
     eta = np.asarray(eta, dtype)
+    limits = np.asarray([max_iter, min_iter, max_halvings], jax.dtypes.canonicalize_dtype(np.int64))
     jitted = None
     if split is not None:
         treedef, static, dynamic, _ = split
@@ -428,9 +452,11 @@ def estimate(
             jitted = None
     try:
         if jitted is not None:
-            result = jitted(dynamic, y, X, theta0, bounds[0], bounds[1], tolerances, eta, pattern)
+            result = jitted(dynamic, y, X, theta0, bounds[0], bounds[1], tolerances, eta, limits, pattern)
         else:
-            result = _fit_jit(model, y, X, theta0, bounds[0], bounds[1], tolerances, eta, pattern, **dict(options))
+            result = _fit_jit(
+                model, y, X, theta0, bounds[0], bounds[1], tolerances, eta, limits, pattern, **dict(options)
+            )
         status = None if is_traced(result.status) else int(result.status)
     except JaxRuntimeError as err:
         if jitted is not None and STATUS_MESSAGES[INVALID_START] in str(err):
@@ -438,8 +464,11 @@ def estimate(
         raise
     if throw and status == INVALID_START:
         raise RuntimeError(f"jreml.estimate: {STATUS_MESSAGES[INVALID_START]}")
-    if verbose == 1 and status is not None:
-        print()
+    result = _trim_history(result, int(max_iter) + 1)
+    if status is not None:
+        print_history(result.history, int(result.n_iter), verbose, max_iter)
+        if verbose == 1:
+            print()
     concrete = status is not None and not traced  # the second tries below decide in Python on the first fit
     options = dict(
         method=method, derivatives=derivatives, dv_builder=dv_builder, max_iter=max_iter, eta=eta, lb=lb, ub=ub,
@@ -474,5 +503,5 @@ def estimate(
             if keep_restart(result.loglik, result.status, other.loglik, other.status):
                 result, status = other, int(other.status)
     if status == MAX_ITER:
-        warnings.warn(f"jreml.estimate: {STATUS_MESSAGES[MAX_ITER]} ({max_iter})", stacklevel=2)
+        warnings.warn(f"jreml.estimate: {STATUS_MESSAGES[MAX_ITER]} ({max_iter})", stacklevel=3)  # past ``timed``
     return result

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .base import AbstractAlgorithm, em_direction, free_mask, projected_solve
@@ -68,7 +69,11 @@ def evaluate(theta, y, X, model, *, reml, information, backend, state) -> Evalua
 
 
 class History(eqx.Module):
-    """Per-iteration record, row 0 = the start; rows after ``n_iter`` are zero (fixed size inside jit)."""
+    """Per-iteration record, row 0 = the start; rows after ``n_iter`` are zero (fixed size inside jit).
+
+    ``score_norm`` (the projected score's norm the convergence test uses) and ``tries`` (the step lengths tried,
+    1 for a full step) are what ``verbose`` prints: it prints them from here after the fit, not from inside the
+    program, so that ``verbose`` does not change the compiled program (see ``print_history``)."""
 
     theta: Float[Array, "m k"]
     beta: Float[Array, "m p"]
@@ -77,8 +82,10 @@ class History(eqx.Module):
     information: Float[Array, "m k k"]
     step: Float[Array, "m k"]
     step_length: Float[Array, " m"]
+    score_norm: Float[Array, " m"]
+    tries: Int[Array, " m"]
 
-    def record(self, i, theta, ev: Evaluation, step, step_length) -> History:
+    def record(self, i, theta, ev: Evaluation, step, step_length, score_norm=0.0, tries=0) -> History:
         return History(
             self.theta.at[i].set(theta),
             self.beta.at[i].set(ev.beta),
@@ -87,12 +94,32 @@ class History(eqx.Module):
             self.information.at[i].set(ev.information),
             self.step.at[i].set(step),
             self.step_length.at[i].set(step_length),
+            self.score_norm.at[i].set(score_norm),
+            self.tries.at[i].set(tries),
         )
 
 
 def empty_history(rows: int, k: int, p: int, dtype) -> History:
     z = lambda *shape: jnp.zeros(shape, dtype)  # noqa: E731
-    return History(z(rows, k), z(rows, p), z(rows), z(rows, k), z(rows, k, k), z(rows, k), z(rows))
+    tries = jnp.zeros(rows, jnp.asarray(0).dtype)
+    return History(z(rows, k), z(rows, p), z(rows), z(rows, k), z(rows, k, k), z(rows, k), z(rows), z(rows), tries)
+
+
+#: Rows of the history of every fit with max_iter ≤ 200 (``history_rows``).
+DEFAULT_HISTORY_ROWS = 201
+
+
+def history_rows(max_iter: int) -> int:
+    """Rows of the history a program is compiled for: ``DEFAULT_HISTORY_ROWS`` (201, that of ``estimate``'s
+    default max_iter = 200) for max_iter ≤ 200, else the smallest power of two ≥ max_iter + 1.
+
+    ``max_iter`` is a run-time value of the loop, but the history's size is part of the program: sizing it in
+    buckets lets a new ``max_iter`` reuse the compiled program (any max_iter up to 200, and then each doubling,
+    compiles one program), at most twice the default's memory; the default needs no trimming afterwards
+    (``estimate`` returns exactly max_iter + 1 rows). At least CRAWL_WINDOW + 1 rows: the loop reads them back."""
+    if max_iter + 1 <= DEFAULT_HISTORY_ROWS:
+        return DEFAULT_HISTORY_ROWS
+    return 1 << int(max_iter).bit_length()
 
 
 class LoopResult(NamedTuple):
@@ -113,6 +140,23 @@ def _print_iteration(verbose, max_iter, i, loglik, score_norm, step_norm, halvin
         # A counter, not a bar: the number of iterations is not known ahead (a bar scaled to max_iter sat near
         # empty at convergence). torch_openreml's verbose=1 shows "Iter i" likewise.
         print(f"\rIter {i:4d} (max_iter {max_iter}) loglik {float(loglik):.8f} |score| {float(score_norm):.2e}", end="")
+
+
+def print_history(history: History, n_iter: int, verbose: int, max_iter: int) -> None:
+    """``verbose``'s lines for the iterations 1..n_iter of a finished fit, from its history.
+
+    Printed after the fit rather than from inside the loop: a host callback in the program would make ``verbose``
+    part of the program (a new compilation for each setting), and JAX (0.10) writes no persistent-cache entry for
+    a program with a host callback. The cost: no live progress while a long fit runs. verbose=1 prints the
+    counter's last state, verbose=2 the table."""
+    if verbose <= 0 or n_iter <= 0:
+        return
+    loglik, score_norm = np.asarray(history.loglik), np.asarray(history.score_norm)
+    step, tries = np.asarray(history.step), np.asarray(history.tries)
+    rows = range(1, n_iter + 1) if verbose >= 2 else (n_iter,)
+    for i in rows:
+        step_norm = float(np.max(np.abs(step[i]), initial=0.0))
+        _print_iteration(verbose, max_iter, i, loglik[i], score_norm[i], step_norm, tries[i])
 
 
 def _augmented(information, secant, use_secant, free):
@@ -179,16 +223,18 @@ def run(
     algorithm: AbstractAlgorithm,
     backend,
     state,
-    max_iter: int,
-    max_halvings: int,
+    max_iter: Int[Array, ""],
+    max_halvings: Int[Array, ""],
     checks: tuple[bool, bool, bool],
-    min_iter: int,
+    min_iter: Int[Array, ""],
     em_plan,
-    verbose: int,
+    history_rows: int,
 ) -> LoopResult:
     """``backend``: the ``AbstractBackend`` that evaluates the model, ``state`` what its ``prepare`` gave.
     ``powers``: p with variance = e^{p·θ} for each log-scale parameter (1 for a log-variance, 2 for a log standard
-    deviation or a log-Cholesky diagonal; 1 elsewhere)."""
+    deviation or a log-Cholesky diagonal; 1 elsewhere). ``max_iter``, ``max_halvings``, ``min_iter`` are run-time
+    values (changing them compiles nothing new); ``history_rows`` (≥ max_iter + 1, ``history_rows()``) is the
+    history's compiled size."""
     ev_kwargs = dict(reml=reml, information=algorithm.information, backend=backend, state=state)
     k, p = theta0.shape[0], X.shape[1]
     dtype = theta0.dtype
@@ -198,11 +244,11 @@ def run(
 
     theta0 = jnp.clip(theta0, lb, ub)
     ev0 = evaluate(theta0, y, X, model, **ev_kwargs)
-    history = empty_history(max_iter + 1, k, p, dtype).record(0, theta0, ev0, jnp.zeros(k, dtype), 0.0)
+    history = empty_history(history_rows, k, p, dtype).record(0, theta0, ev0, jnp.zeros(k, dtype), 0.0)
     status0 = jnp.where(ev0.ok, RUNNING, INVALID_START)
 
     def cond(state):
-        return state[3] == RUNNING
+        return (state[3] == RUNNING) & (max_iter > 0)
 
     def body(state):
         i, theta, ev, status, history, secant, use_secant, idle = state
@@ -333,13 +379,14 @@ def run(
         window_start = history.loglik[jnp.maximum(i - CRAWL_WINDOW, 0)]
         crawling = (i >= CRAWL_WINDOW) & (new_ev.loglik - window_start < jnp.maximum(tol_loglik, 8.0 * noise))
         crawling = crawling & (not algorithm.em_steps)
-        if algorithm.approximate_curvature and max_iter > CRAWL_WINDOW:
+        if algorithm.approximate_curvature:
             # Or the information is a poor model of ℓ's curvature: every step of the window (and this one) was halved
             # HALVED_STEP times or more (singular_slopes3 y34: 2⁻⁸–2⁻¹⁵ for 120 AI iterations). Newton, which has
             # that curvature, continues (``newton_fallback``).
             lengths = jax.lax.dynamic_slice_in_dim(history.step_length, jnp.maximum(i - CRAWL_WINDOW, 0), CRAWL_WINDOW)
             short = jnp.exp2(-float(HALVED_STEP)) * eta
-            crawling = crawling | ((i > CRAWL_WINDOW) & jnp.all(lengths <= short) & (length <= short))
+            halved = (i > CRAWL_WINDOW) & jnp.all(lengths <= short) & (length <= short)
+            crawling = crawling | (halved & (max_iter > CRAWL_WINDOW))
         progress = accepted & (((idle < IDLE_LIMIT) & ~crawling) | (i < min_iter))
         # Nothing improves ℓ any more: converged if the score test (when on) says we are at the optimum, or the
         # gain in ℓ that the quadratic model predicts, ½ sᵀI⁻¹s, is below tol_loglik.
@@ -354,22 +401,12 @@ def run(
             CONVERGED,
             jnp.where(~progress, STALLED, jnp.where(i >= max_iter, MAX_ITER, RUNNING)),
         )
-        history = history.record(i, new_theta, new_ev, step, jnp.where(accepted, length, 0.0))
-        if verbose:
-            jax.debug.callback(
-                lambda *a: _print_iteration(verbose, max_iter, *a),
-                i,
-                new_ev.loglik,
-                score_norm,
-                step_norm,
-                halvings,
-            )
+        history = history.record(i, new_theta, new_ev, step, jnp.where(accepted, length, 0.0), score_norm, halvings)
         return i, new_theta, new_ev, status, history, secant, use_secant, idle
 
     secant0 = (jnp.zeros((k, k), dtype), jnp.asarray(False))
     state = (jnp.asarray(0), theta0, ev0, status0, history, *secant0, jnp.asarray(0))
-    if max_iter > 0:
-        state = jax.lax.while_loop(cond, body, state)
+    state = jax.lax.while_loop(cond, body, state)
     i, theta, ev, status, history, _, _, _ = state
     status = jnp.where(status == RUNNING, MAX_ITER, status)
     return LoopResult(theta, ev, i, status, history)
