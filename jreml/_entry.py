@@ -54,6 +54,8 @@ def fit_spectral(model, Y, X=None, *, design: SpectralDesign | None = None, **op
         row(solution.information),
         row(jnp.zeros_like(solution.theta)),
         row(jnp.zeros_like(solution.loglik)),
+        row(jnp.linalg.norm(solution.score, axis=-1)),
+        row(jnp.zeros_like(solution.n_iter)),
     )
     return FitResult(
         theta=solution.theta,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import warnings
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -16,8 +17,8 @@ from jaxtyping import Array, Float
 from ._backends.configure import backend_for, host_configuration
 from ._backends.select import choose, equations_form
 from ._config import as_float_array
-from ._covariance.observed import observed_data
-from ._covariance.queries import as_covariance, observed_mask
+from ._covariance.observed import observation_count, observed_data
+from ._covariance.queries import as_covariance, observed_mask, rescale_theta
 from ._likelihood import DERIVATIVES, check_method
 from ._problem import as_input, check_data, is_traced, ols_residual_variance, stop_gradient
 from ._result import FitResult
@@ -87,14 +88,20 @@ def _fit(
     )
     # ZᵀZ, ZᵀX, … once, for the loop (values only) and the final differentiable evaluation.
     state = engine.prepare(model, y, X)
+    # The loop runs on y/s (s² the OLS residual variance) with θ moved to match, so that its tests and step
+    # limits see the same numbers whatever y's units (off-diagonal Cholesky entries carry them).
+    unit = _UnitScale.of(model_values, scale)
+    y_loop = y_values if unit is None else y_values / jnp.sqrt(scale)
+    loop_state = state if unit is None else engine.prepare(model_values, y_loop, X_values)
+    to_loop = (lambda t: t) if unit is None else unit.to_unit  # noqa: E731
     out = run(
         model_values,
-        y_values,
+        y_loop,
         X_values,
-        jax.lax.stop_gradient(theta0).astype(dtype),
-        lb.astype(dtype),
-        ub.astype(dtype),
-        snap.astype(dtype),
+        to_loop(jax.lax.stop_gradient(theta0).astype(dtype)),
+        to_loop(lb.astype(dtype)),
+        to_loop(ub.astype(dtype)),
+        to_loop(snap.astype(dtype)),
         scale_mask,
         powers.astype(dtype),
         tolerances,
@@ -102,7 +109,7 @@ def _fit(
         reml=reml,
         algorithm=algorithm,
         backend=engine,
-        state=stop_gradient(state),
+        state=stop_gradient(loop_state),
         max_iter=limits[0],
         max_halvings=limits[2],
         checks=checks,
@@ -110,12 +117,22 @@ def _fit(
         em_plan=em_plan,
         history_rows=history_rows,
     )
-    theta = out.theta
+    history, theta, final_score = out.history, out.theta, out.evaluation.score
+    if unit is not None:
+        n_eff = observation_count(model, X.shape[0]) - (X.shape[1] if reml else 0)
+        history = unit.history_back(history, out.n_iter, n_eff)
+        theta, final_score = unit.from_unit(theta), unit.slope * final_score
     if throw:
         theta = eqx.error_if(theta, out.status == INVALID_START, STATUS_MESSAGES[INVALID_START])
     at_boundary = scale_mask & (theta <= jnp.maximum(singular_threshold, lb))
-    free = free_mask(theta, out.evaluation.score, lb, ub) & ~at_boundary
+    free = free_mask(theta, final_score, lb, ub) & ~at_boundary
     theta, c, final = engine.fitted(theta, free, model, y, X, state, reml=reml)
+    if unit is not None:  # the last iterate's β̂ and ℓ as the final evaluation gives them (not rescaled ones)
+        history = eqx.tree_at(
+            lambda h: (h.beta, h.loglik),
+            history,
+            (history.beta.at[out.n_iter].set(c.beta), history.loglik.at[out.n_iter].set(c.loglik)),
+        )
     p = X.shape[1]
     chol_inv = jax.scipy.linalg.solve_triangular(c.chol_xvx, jnp.eye(p, dtype=dtype), lower=True)
     vcov_beta = chol_inv.T @ chol_inv
@@ -137,7 +154,7 @@ def _fit(
         score=jnp.where(c.ok, final.score, 0.0),
         information=information,
         vcov_theta=vcov_theta,
-        history=out.history,
+        history=history,
         p_y=c.p_y,
         model=model,
         y=y,
@@ -146,6 +163,57 @@ def _fit(
         algorithm=algorithm.name,
         param_names=model.param_names,
     )
+
+
+class _UnitScale(NamedTuple):
+    """θ ↦ θ' with V(θ')·c = V(θ), c = s² the OLS residual variance (``rescale_theta``: log-variances shift by
+    −log c / power, Cholesky entries below the diagonal scale by c^(-1/2)): the loop's coordinates for y/s. Every
+    entry of θ' is an affine function of its entry of θ, with slope ``slope`` = ∂θ'/∂θ."""
+
+    log_c: Array
+    model: object
+    slope: Array
+
+    @classmethod
+    def of(cls, model, scale):
+        """The map for ``model``, or None for a model that cannot be rescaled (kernels with a length-scale, custom
+        matrices): those run on y as it is."""
+        log_c = jnp.log(scale)
+        zero = jnp.zeros(model.num_free_params, scale.dtype)
+        try:
+            slope = rescale_theta(model, zero + 1.0, -log_c) - rescale_theta(model, zero, -log_c)
+        except ValueError:
+            return None
+        return cls(log_c, model, slope)
+
+    def to_unit(self, theta):
+        return rescale_theta(self.model, theta, -self.log_c)
+
+    def from_unit(self, theta):
+        return rescale_theta(self.model, theta, self.log_c)
+
+    def history_back(self, history, n_iter, n_eff):
+        """The loop's history in y's units: θ, β = s·β', ℓ = ℓ' − n_eff·log s (n_eff = n − p for REML, n for ML),
+        score J·s', information J·I'·J, steps Δθ'/J (J = ``slope``); rows after ``n_iter`` stay zero."""
+        J = self.slope
+        kept = jnp.arange(history.loglik.shape[0]) <= n_iter
+        s = jnp.exp(0.5 * self.log_c)
+
+        def rows(values):
+            return jnp.where(kept.reshape((-1,) + (1,) * (values.ndim - 1)), values, 0.0)
+
+        return eqx.tree_at(
+            lambda h: (h.theta, h.beta, h.loglik, h.score, h.information, h.step),
+            history,
+            (
+                rows(jax.vmap(self.from_unit)(history.theta)),
+                rows(s * history.beta),
+                rows(history.loglik - n_eff * 0.5 * self.log_c),
+                rows(J * history.score),
+                rows(J[:, None] * history.information * J[None, :]),
+                rows(history.step / J),
+            ),
+        )
 
 
 _fit_jit = eqx.filter_jit(_fit)

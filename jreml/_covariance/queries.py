@@ -266,6 +266,8 @@ def rescale_theta(module: AbstractCovariance, theta, log_c):
         if module.A.num_free_params:
             return jnp.concatenate([rescale_theta(module.A, theta_a, log_c), theta_b])
         return jnp.concatenate([theta_a, rescale_theta(module.B, theta_b, log_c)])
+    if isinstance(module, ObservedRows):  # its placeholders' unit variance does not enter ℓ
+        return rescale_theta(module.model, theta, log_c)
     if isinstance(module, Sum):
         parts = _split(theta, [t.num_free_params for t in module.terms])
         return jnp.concatenate([rescale_theta(t, part, log_c) for t, part in zip(module.terms, parts, strict=True)])
