@@ -18,7 +18,7 @@ from .._design.build import Design, _variables, build_design
 from .._design.formula import cbind_arguments, parse_formula
 from .equations import conditional_variances, factorise, lam_times, lams
 from .family import AbstractFamily, Binomial, Poisson, as_family
-from .optimize import optimise, stage2_hessian
+from .optimize import newton_polish, optimise
 from .pirls import Problem, linear_predictor
 from .result import GLMMResult, VarianceComponent
 
@@ -177,7 +177,9 @@ def fit_glmm(gd: GLMMDesign, info=None, *, nAGQ: int = 1) -> GLMMResult:  # noqa
     else:
         theta, beta, u = second.params[:k], second.params[k:], second.x
         stage, value = second, second.value
-        hessian = np.asarray(stage2_hessian(jnp.asarray(second.params), jnp.asarray(u), problem))
+        second, hessian = newton_polish(problem, second)
+        theta, beta, u = second.params[:k], second.params[k:], second.x
+        stage, value = second, second.value
     return assemble(gd, info, problem, theta, beta, u, value, stage, first, hessian, nAGQ)
 
 
