@@ -18,6 +18,7 @@ from .._design.build import Design, _variables, build_design
 from .._design.formula import cbind_arguments, parse_formula
 from .equations import conditional_variances, factorise, lam_times, lams
 from .family import AbstractFamily, Binomial, Poisson, as_family
+from .laplace import gauss_hermite
 from .optimize import newton_polish, optimise
 from .pirls import Problem, linear_predictor
 from .result import GLMMResult, VarianceComponent
@@ -163,12 +164,19 @@ def start_beta(problem: Problem) -> np.ndarray:
 
 
 def fit_glmm(gd: GLMMDesign, info=None, *, nAGQ: int = 1) -> GLMMResult:  # noqa: N803 - lme4's name
-    """Fit the GLMM of ``gd`` by the Laplace approximation (``nAGQ=1``) or its nAGQ = 0 stage alone."""
-    if nAGQ not in (0, 1):
-        raise NotImplementedError("nAGQ > 1 (adaptive Gauss-Hermite quadrature) is not implemented yet")
+    """Fit the GLMM of ``gd`` by the Laplace approximation (``nAGQ=1``), its nAGQ = 0 stage alone, or adaptive
+    Gauss–Hermite quadrature with nAGQ nodes (one scalar random term)."""
+    if not isinstance(nAGQ, int | np.integer) or nAGQ < 0:
+        raise ValueError(f"nAGQ must be a non-negative integer, got {nAGQ!r}")
     problem, theta0 = build_problem(gd)
+    rule = None
+    if nAGQ > 1:
+        terms = problem.structure.terms
+        if len(terms) != 1 or terms[0].block != 1:
+            raise ValueError("nAGQ > 1 needs a single scalar random-effects term, as in lme4 (e.g. (1 | g))")
+        rule = gauss_hermite(int(nAGQ))
     beta0 = start_beta(problem)
-    first, second = optimise(problem, theta0, beta0, stages=1 if nAGQ == 0 else 2)
+    first, second = optimise(problem, theta0, beta0, stages=1 if nAGQ == 0 else 2, rule=rule)
     q, k = problem.structure.q, problem.n_theta
     if second is None:
         theta, beta, u = first.params, first.x[q:], first.x[:q]
@@ -177,7 +185,7 @@ def fit_glmm(gd: GLMMDesign, info=None, *, nAGQ: int = 1) -> GLMMResult:  # noqa
     else:
         theta, beta, u = second.params[:k], second.params[k:], second.x
         stage, value = second, second.value
-        second, hessian = newton_polish(problem, second)
+        second, hessian = newton_polish(problem, second, rule=rule)
         theta, beta, u = second.params[:k], second.params[k:], second.x
         stage, value = second, second.value
     return assemble(gd, info, problem, theta, beta, u, value, stage, first, hessian, nAGQ)

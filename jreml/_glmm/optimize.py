@@ -11,6 +11,8 @@ gradient from one compiled program per evaluation (``eqx.filter_jit`` of ``jax.v
 deviance: reverse mode through the factor, implicit derivatives through the PIRLS fixed point, no finite
 differences). PIRLS is warm-started at the previous evaluation's modes. The Hessian at the optimum (for the
 standard errors, as lme4's ``vcov`` uses the Hessian of the deviance) is ``jax.hessian`` of the same function.
+With a quadrature ``rule`` (nAGQ > 1, one scalar term) stage 2 minimises the adaptive Gauss–Hermite criterion of
+``laplace.quadrature_parts`` instead, as lme4 does.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from .laplace import laplace_parts
+from .laplace import criterion_parts, laplace_parts
 from .pirls import CONVERGED, Problem
 
 GTOL = 1e-7
@@ -44,11 +46,11 @@ def _stage1(theta, x0, problem: Problem):
 
 
 @eqx.filter_jit
-def _stage2(params, x0, problem: Problem):
+def _stage2(params, x0, problem: Problem, rule=None):
     k = problem.n_theta
 
     def f(p):
-        value, status, modes, _, _ = laplace_parts(p[:k], p[k:], x0, problem, joint=False)
+        value, status, modes, _, _ = criterion_parts(p[:k], p[k:], x0, problem, rule)
         return value, (status, modes.x)
 
     (value, (status, x)), grad = jax.value_and_grad(f, has_aux=True)(params)
@@ -56,10 +58,10 @@ def _stage2(params, x0, problem: Problem):
 
 
 @eqx.filter_jit
-def stage2_hessian(params, x0, problem: Problem):
+def stage2_hessian(params, x0, problem: Problem, rule=None):
     """∂²D/∂(θ, β)² at ``params`` (forward over reverse mode through the implicit derivatives)."""
     k = problem.n_theta
-    return jax.hessian(lambda p: laplace_parts(p[:k], p[k:], x0, problem, joint=False)[0])(params)
+    return jax.hessian(lambda p: criterion_parts(p[:k], p[k:], x0, problem, rule)[0])(params)
 
 
 @dataclass
@@ -103,25 +105,25 @@ def _minimise(fun, start, x0) -> StageResult:
     return StageResult(params, value, x, status, success, str(out.message), state["count"], int(out.nit))
 
 
-def newton_polish(problem: Problem, stage: StageResult, steps: int = NEWTON_STEPS):
+def newton_polish(problem: Problem, stage: StageResult, steps: int = NEWTON_STEPS, rule=None):
     """Up to ``steps`` Newton steps p ← p − H⁻¹∇D from BFGS's end, each kept only if D does not increase; returns
     (stage, Hessian at its params). BFGS stops once the line search cannot resolve D's decrease at rounding
     level; Newton's quadratic convergence then takes (θ, β) to the optimum to about √ε of D's scale."""
     params, x = jnp.asarray(stage.params), jnp.asarray(stage.x)
     value = stage.value
-    hessian = np.asarray(stage2_hessian(params, x, problem))
+    hessian = np.asarray(stage2_hessian(params, x, problem, rule))
     for _ in range(steps):
-        _, grad, _, _ = _stage2(params, x, problem)
+        _, grad, _, _ = _stage2(params, x, problem, rule)
         try:
             step = np.linalg.solve(0.5 * (hessian + hessian.T), np.asarray(grad))
         except np.linalg.LinAlgError:
             break
         trial = params - jnp.asarray(step)
-        new_value, _, status, new_x = _stage2(trial, x, problem)
+        new_value, _, status, new_x = _stage2(trial, x, problem, rule)
         if int(status) != CONVERGED or not float(new_value) <= value:
             break
         params, x, value = trial, new_x, float(new_value)
-        hessian = np.asarray(stage2_hessian(params, x, problem))
+        hessian = np.asarray(stage2_hessian(params, x, problem, rule))
         if float(np.max(np.abs(step))) < 1e-10:
             break
     polished = StageResult(
@@ -137,7 +139,7 @@ def newton_polish(problem: Problem, stage: StageResult, steps: int = NEWTON_STEP
     return polished, hessian
 
 
-def optimise(problem: Problem, theta0, beta0, stages: int = 2):
+def optimise(problem: Problem, theta0, beta0, stages: int = 2, rule=None):
     """(stage 1 result, stage 2 result or None) of the module docstring's two stages."""
     q, p = problem.structure.q, problem.X.shape[1]
     x0 = jnp.concatenate([jnp.zeros((q,)), jnp.asarray(beta0)])
@@ -145,5 +147,5 @@ def optimise(problem: Problem, theta0, beta0, stages: int = 2):
     if stages == 1:
         return first, None
     start = np.concatenate([first.params, first.x[q : q + p]])
-    second = _minimise(lambda par, x: _stage2(par, x, problem), start, first.x[:q])
+    second = _minimise(lambda par, x: _stage2(par, x, problem, rule), start, first.x[:q])
     return first, second

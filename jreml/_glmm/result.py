@@ -146,7 +146,8 @@ class GLMMResult:
         lines = [
             "Generalized linear mixed model fit by maximum likelihood (Laplace Approximation) ['glmerMod']"
             if self.nagq == 1
-            else f"Generalized linear mixed model fit by maximum likelihood (nAGQ = {self.nagq}) ['glmerMod']",
+            else "Generalized linear mixed model fit by maximum likelihood (Adaptive Gauss-Hermite Quadrature, "
+            f"nAGQ = {self.nagq}) ['glmerMod']",
             f" Family: {self.family}  ( {self.link} )",
             f"Formula: {self.formula}",
             "",
