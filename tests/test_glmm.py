@@ -257,3 +257,42 @@ def sp_gammaln(x):
     from scipy.special import gammaln
 
     return gammaln(x)
+
+
+@pytest.mark.slow
+def test_gradient_of_fitted_beta_matches_refits():
+    """jax.grad of a function of (θ̂, β̂) through the fit (implicit derivatives) equals finite differences of refits."""
+    import equinox as eqx
+
+    from jreml._glmm.fit import start_beta
+    from jreml._glmm.implicit import fitted_parameters
+    from jreml._glmm.optimize import newton_polish, optimise
+
+    rng = np.random.default_rng(3)
+    a = np.tile(np.arange(5), 8)
+    x = rng.normal(size=40)
+    y = rng.poisson(np.exp(0.5 + 0.4 * x + rng.normal(size=5)[a])).astype(float)
+    data = pd.DataFrame({"y": y, "x": x, "a": [f"a{i}" for i in a]})
+    problem, theta0 = build_problem(glmm_design("y ~ x + (1 | a)", data, "poisson"))
+
+    def refit(y):
+        p = eqx.tree_at(lambda pr: pr.y, problem, y)
+        _, second = optimise(p, theta0, start_beta(p))
+        second, _ = newton_polish(p, second)
+        assert second.success
+        return second.params, second.x
+
+    params, u = refit(problem.y)
+
+    def summary(y):  # a function of the fitted values: θ̂ + β̂_x
+        p = eqx.tree_at(lambda pr: pr.y, problem, y)
+        fitted = fitted_parameters(jnp.asarray(params), p, jnp.asarray(u))
+        return fitted[0] + fitted[2]
+
+    grad = np.asarray(jax.grad(summary)(problem.y))
+    direction = np.linspace(-1.0, 1.0, len(data)) * (y > 0)  # keep the counts non-negative
+    h = 1e-3
+    plus, _ = refit(problem.y + h * direction)
+    minus, _ = refit(problem.y - h * direction)
+    fd = ((plus[0] + plus[2]) - (minus[0] + minus[2])) / (2 * h)
+    assert grad @ direction == pytest.approx(fd, rel=1e-4, abs=1e-7)

@@ -164,7 +164,14 @@ def _conditional_modes_jvp(primals, tangents, *, joint: bool):
     x = modes.x
     t_theta = jnp.zeros_like(theta) if t_theta is None else t_theta
     t_beta = jnp.zeros_like(beta) if t_beta is None or joint_ else t_beta
-    _, d_f = jax.jvp(lambda th, be: _gradient(x, th, be, problem, joint_), (theta, beta), (t_theta, t_beta))
+    # the data's floating-point leaves (y, weights, X, offset) may carry tangents too (``implicit.py``)
+    diff, static = eqx.partition(problem, eqx.is_inexact_array)
+    t_diff = jax.tree_util.tree_map(_fill_tangent, tangents[3], problem, is_leaf=lambda v: v is None)
+
+    def gradient(th, be, d):
+        return _gradient(x, th, be, eqx.combine(d, static), joint_)
+
+    _, d_f = jax.jvp(gradient, (theta, beta, diff), (t_theta, t_beta, t_diff))
 
     def matvec(v):
         return jax.jvp(lambda xx: _gradient(xx, theta, beta, problem, joint_), (x,), (v,))[1]
@@ -179,6 +186,13 @@ def _conditional_modes_jvp(primals, tangents, *, joint: bool):
 
     d_x = lax.custom_linear_solve(matvec, -d_f, solve, symmetric=True)
     return modes, Modes(d_x, _float0(modes.status), _float0(modes.iterations))
+
+
+def _fill_tangent(t, p):
+    """A leaf's tangent, zeros where a floating-point array was not differentiated (None), None elsewhere."""
+    if eqx.is_inexact_array(p):
+        return jnp.zeros_like(p) if t is None else t
+    return None
 
 
 def _float0(a):
