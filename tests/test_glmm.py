@@ -296,3 +296,22 @@ def test_gradient_of_fitted_beta_matches_refits():
     minus, _ = refit(problem.y - h * direction)
     fd = ((plus[0] + plus[2]) - (minus[0] + minus[2])) / (2 * h)
     assert grad @ direction == pytest.approx(fd, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_batch_of_responses_equals_single_fits():
+    from jreml._glmm.batch import fit_glmm_batch
+
+    rng = np.random.default_rng(4)
+    g = np.repeat(np.arange(6), 8)
+    x = rng.normal(size=48)
+    Y = rng.poisson(np.exp(0.4 + 0.3 * x[:, None] + 0.6 * rng.normal(size=(6, 3))[g])).astype(float)
+    data = pd.DataFrame({"y": Y[:, 0], "x": x, "g": [f"g{i}" for i in g]})
+    batch = fit_glmm_batch("y ~ x + (1 | g)", data, Y, "poisson", chunk_size=2)
+    assert batch.converged.all()
+    for j in range(3):
+        data["y"] = Y[:, j]
+        single = jreml.fit("y ~ x + (1 | g)", data, family="poisson")
+        assert batch.deviance[j] == pytest.approx(single.deviance, abs=1e-7)
+        np.testing.assert_allclose(batch.beta[j], single.beta, atol=1e-6)
+        np.testing.assert_allclose(batch.theta[j], single.theta, atol=1e-5)
