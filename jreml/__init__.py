@@ -44,6 +44,8 @@ from ._likelihood import observed_information as observed_information
 from ._likelihood import reml_loglik as reml_loglik
 from ._likelihood import score as score
 from ._result import FitResult as FitResult
+from ._glmm.result import GLMMResult as GLMMResult
+from ._glmm.batch import fit_glmm_batch as fit_glmm_batch
 from ._inference.lrt import anova as anova
 from ._batch import BatchFit as BatchFit
 from ._batch import fit_batch as fit_batch

@@ -19,6 +19,7 @@ def fit(
     method: str = "reml",
     algorithm="ai",
     relmat: dict | None = None,
+    family: str | None = None,
     **options,
 ) -> FitResult:
     """Fit an lme4-style linear mixed model, e.g. ``fit("Reaction ~ Days + (Days | Subject)", df)``.
@@ -31,10 +32,16 @@ def fit(
     DataFrame indexed by level names or an array in sorted-level order. Other keyword ``options`` go to
     :func:`jreml.estimate`.
 
+    ``family="binomial" | "bernoulli" | "poisson"`` fits a generalized linear mixed model by the Laplace
+    approximation, as lme4's ``glmer(nAGQ=1)`` (``jreml._glmm``; options ``link=``, ``weights=``, ``nAGQ=0 | 1``)
+    and returns a ``GLMMResult``; the response may be ``cbind(successes, failures)``.
+
     The result knows its names: ``fixef``, ``se``, ``varcorr`` (lme4's VarCorr layout), ``ranef`` (conditional
     modes and SDs by group), ``sigma2``, ``ngroups``, ``predict(newdata, re_form)``, ``to_dict()`` and an
     lme4-style ``print(fit)``.
     """
+    if family is not None and not (isinstance(family, str) and family.lower() == "gaussian"):
+        return _fit_glmm(formula, data, family, relmat, options)
     method = method.lower() if isinstance(method, str) else method  # lme4 users write REML / ML
     design = build_design(formula, data, relmat)
     if design.unidentifiable:
@@ -47,6 +54,18 @@ def fit(
         n_dropped=design.n_dropped,
         formula_info=formula_info(design),
     )
+
+
+def _fit_glmm(formula: str, data: pd.DataFrame, family, relmat, options):
+    from ._glmm.fit import fit_glmm, glmm_design
+
+    if relmat:
+        raise NotImplementedError("relmat is not supported for GLMMs yet")
+    unknown = set(options) - {"link", "weights", "nAGQ"}
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)} for a GLMM fit (use link=, weights=, nAGQ=)")
+    gd = glmm_design(formula, data, family, options.get("link"), options.get("weights"))
+    return fit_glmm(gd, formula_info(gd.design), nAGQ=options.get("nAGQ", 1))
 
 
 def _spec(text: str, data: pd.DataFrame):

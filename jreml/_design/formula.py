@@ -112,6 +112,21 @@ def _random_term(inner: str, formula: str) -> list[RandomSpec]:
     return [RandomSpec(expr, factors, correlated) for factors in _groups(group, formula)]
 
 
+_CBIND = re.compile(r"^cbind\s*\((.*)\)$", re.DOTALL)
+
+
+def cbind_arguments(response: str) -> tuple[str, str] | None:
+    """``"cbind(s, n - s)"`` → ``("s", "n - s")`` (a binomial response as successes and failures, as in lme4's
+    ``glmer``); None for any other response."""
+    match = _CBIND.match(response.strip())
+    if match is None:
+        return None
+    parts = [p.strip() for p in _split_top(match.group(1), ",", response)]
+    if len(parts) != 2 or not all(parts):
+        raise FormulaError(f"cbind() in the response {response!r} needs exactly two arguments (successes, failures)")
+    return parts[0], parts[1]
+
+
 def parse_formula(formula: str) -> ParsedFormula:
     """Split ``"y ~ fixed + (expr | g) + ..."`` into response, fixed part (``"1"`` if empty) and random terms."""
     if not isinstance(formula, str):

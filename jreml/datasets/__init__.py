@@ -30,6 +30,11 @@ _DATASETS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("rep", "block", "gen"),
         "Alpha-lattice trial: 24 genotypes, 3 reps, 6 blocks/rep",
     ),
+    "cbpp": (
+        "cbpp.csv",
+        ("herd", "period"),
+        "Contagious bovine pleuropneumonia: incidence out of herd size, 15 herds x 4 periods (lme4), 56 obs",
+    ),
     "kinship": (
         "kinship_visible_traits.csv",
         ("id",),
