@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
+from .._backends.base import _cholesky
 from .._backends.mme import small_backward, small_forward
 from .._backends.sparse import (
     SparseData,
@@ -42,7 +43,6 @@ from .._backends.sparse import (
     z_times,
     z_transpose,
 )
-from .._likelihood import _cholesky
 
 
 class WeightedFactor(NamedTuple):
